@@ -60,8 +60,8 @@ inline void check_gaussian_ksize(int64_t ksize, const char* op, bool allow_zero)
 }
 
 inline void check_threshold(double v, const char* op, const char* arg) {
-  TORCH_CHECK(std::isfinite(v) && v >= 0.0, "fercuda.", op, ": argument '", arg,
-              "' must be a finite number >= 0, got ", v);
+  TORCH_CHECK(!std::isnan(v) && v >= 0.0, "fercuda.", op, ": argument '", arg,
+              "' must be a number >= 0, got ", v);
 }
 
 inline void check_gradient_kind(const std::string& gradient, const char* op) {
