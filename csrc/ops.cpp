@@ -30,4 +30,26 @@ TORCH_LIBRARY(fercuda, m) {
   m.def(
       "canny(Tensor img, float low=50, float high=150, int ksize=5, bool l2_gradient=False, "
       "str gradient=\"sobel\") -> Tensor");
+
+  // ---- Fused depthwise 3x3 conv + BatchNorm + ReLU6. x: (N, C, H, W), NCHW or channels_last;
+  // weight (C, 1, 3, 3); bias, bn_*, running_*: (C,). float32, float16, bfloat16 (float32
+  // accumulation); the BatchNorm tensors may be float32 when x is half precision.
+  // Inference: BatchNorm with the running statistics, folded into the convolution.
+  m.def(
+      "dwconv_bn_relu6(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor running_mean, Tensor running_var, int stride=1, int padding=1, float eps=1e-5) -> Tensor");
+  // Training: batch statistics; running_mean / running_var updated in place as nn.BatchNorm2d
+  // does. Returns (out, save_mean, save_invstd), the last two float32 (C,), for the backward.
+  m.def(
+      "dwconv_bn_relu6_train(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor(a!) running_mean, Tensor(b!) running_var, int stride=1, int padding=1, float eps=1e-5, "
+      "float momentum=0.1) -> (Tensor, Tensor, Tensor)");
+  // Gradients (x, weight, bias, bn_weight, bn_bias) from grad_out. training=True: mean/invstd
+  // are the saved batch statistics and flow into the gradient; training=False: they are the
+  // running statistics (invstd = 1/sqrt(running_var + eps)), constants. grad_bias has shape
+  // (C,) even where bias is None.
+  m.def(
+      "dwconv_bn_relu6_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor mean, Tensor invstd, int stride, int padding, bool training) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
