@@ -144,6 +144,22 @@ def extension():
     )
 
 
+def write_build_info():
+    """fercuda/_build_info.py: what this build holds, for tests and error messages."""
+    text = (
+        "# Written by setup.py at build time.\n"
+        f"WITH_CUDA = {WITH_CUDA!r}\n"
+        f"CUDA_HOME = {CUDA_HOME!r}\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
+        f"TORCH_CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST') if WITH_CUDA else None!r}\n"
+    )
+    with open(os.path.join(ROOT, "fercuda", "_build_info.py"), "w") as f:
+        f.write(text)
+
+
+write_build_info()
+
 print(
     f"fercuda setup: torch {torch.__version__} (CUDA {torch.version.cuda}), "
     f"toolkit {CUDA_HOME}, CUDA kernels {'on' if WITH_CUDA else 'off'}, "

@@ -24,5 +24,7 @@ from fercuda import ops  # noqa: E402,F401
 
 
 def cuda_kernels_built() -> bool:
-    """Whether this build of fercuda._C holds CUDA kernels (independent of any GPU being present)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fercuda::canny", "CUDA")
+    """Whether this build of fercuda._C holds CUDA kernels (whether or not a GPU is present)."""
+    from fercuda import _build_info
+
+    return bool(_build_info.WITH_CUDA)
