@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cmath>
 #include <string>
 
@@ -67,6 +68,81 @@ inline void check_threshold(double v, const char* op, const char* arg) {
 inline void check_gradient_kind(const std::string& gradient, const char* op) {
   TORCH_CHECK(gradient == "sobel" || gradient == "paper", "fercuda.", op,
               ": argument 'gradient' must be \"sobel\" or \"paper\", got \"", gradient, "\"");
+}
+
+// ---- Fused depthwise 3x3 conv + BatchNorm + ReLU6 ------------------------------
+
+// Float64 is accepted where the kernel supports it (the CPU kernels, for gradcheck).
+inline bool is_floating_dwconv_dtype(at::ScalarType t, bool allow_double) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || (allow_double && t == at::kDouble);
+}
+
+// A per-channel (C,) argument: right shape, same device as x, and x's dtype, or float32
+// when x is half precision (BatchNorm parameters under autocast stay float32).
+inline void check_dwconv_channel_arg(const at::Tensor& t, const char* arg, const at::Tensor& x, int64_t channels,
+                                     bool allow_float32, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, "fercuda.", op, ": argument '", arg,
+              "' must have shape (C,) = (", channels, ",) for x of shape ", shape_str(x), ", got ", shape_str(t));
+  check_same_device(x, "x", t, arg, op);
+  const bool ok = t.scalar_type() == x.scalar_type() || (allow_float32 && t.scalar_type() == at::kFloat);
+  TORCH_CHECK(ok, "fercuda.", op, ": argument '", arg, "' must be a ", c10::toString(x.scalar_type()),
+              allow_float32 && x.scalar_type() != at::kFloat ? " or Float" : "", " tensor like x, got ",
+              c10::toString(t.scalar_type()));
+}
+
+// Validates the arguments every dwconv_bn_relu6 op shares and returns the output shape
+// (N, C, H_out, W_out). `running_mean` / `running_var` are the mean / invstd of the backward.
+inline std::array<int64_t, 4> check_dwconv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                                const c10::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
+                                                const at::Tensor& bn_bias, const at::Tensor& running_mean,
+                                                const at::Tensor& running_var, int64_t stride, int64_t padding,
+                                                const char* mean_arg = "running_mean",
+                                                const char* var_arg = "running_var", bool allow_double = false) {
+  TORCH_CHECK(x.dim() == 4, "fercuda.", op, ": argument 'x' must be a 4-D (N, C, H, W) tensor, got a ", x.dim(),
+              "-D tensor of shape ", shape_str(x));
+  TORCH_CHECK(is_floating_dwconv_dtype(x.scalar_type(), allow_double), "fercuda.", op, ": argument 'x' must be a ",
+              allow_double ? "Float, Double, Half or BFloat16" : "Float, Half or BFloat16", " tensor, got ",
+              c10::toString(x.scalar_type()));
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == channels && weight.size(1) == 1 && weight.size(2) == 3 &&
+                  weight.size(3) == 3,
+              "fercuda.", op, ": argument 'weight' must have shape (C, 1, 3, 3) = (", channels,
+              ", 1, 3, 3) for x of shape ", shape_str(x), ", got ", shape_str(weight));
+  check_same_device(x, "x", weight, "weight", op);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "fercuda.", op, ": argument 'weight' must be a ",
+              c10::toString(x.scalar_type()), " tensor like x, got ", c10::toString(weight.scalar_type()));
+  if (bias.has_value()) check_dwconv_channel_arg(*bias, "bias", x, channels, false, op);
+  const bool half = x.scalar_type() != at::kFloat;
+  check_dwconv_channel_arg(bn_weight, "bn_weight", x, channels, half, op);
+  check_dwconv_channel_arg(bn_bias, "bn_bias", x, channels, half, op);
+  check_dwconv_channel_arg(running_mean, mean_arg, x, channels, true, op);
+  check_dwconv_channel_arg(running_var, var_arg, x, channels, true, op);
+  TORCH_CHECK(stride == 1 || stride == 2, "fercuda.", op, ": argument 'stride' must be 1 or 2, got ", stride);
+  TORCH_CHECK(padding >= 0, "fercuda.", op, ": argument 'padding' must be >= 0, got ", padding);
+  const int64_t h_out = (x.size(2) + 2 * padding - 3) / stride + 1;
+  const int64_t w_out = (x.size(3) + 2 * padding - 3) / stride + 1;
+  TORCH_CHECK(x.size(2) + 2 * padding >= 3 && x.size(3) + 2 * padding >= 3, "fercuda.", op,
+              ": the padded input must be at least 3x3 for a 3x3 kernel, got x of shape ", shape_str(x),
+              " with padding ", padding);
+  return {x.size(0), channels, h_out, w_out};
+}
+
+inline void check_dwconv_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                  const std::array<int64_t, 4>& out) {
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == out[0] && grad_out.size(1) == out[1] &&
+                  grad_out.size(2) == out[2] && grad_out.size(3) == out[3],
+              "fercuda.", op, ": argument 'grad_out' must have the output's shape (", out[0], ", ", out[1], ", ",
+              out[2], ", ", out[3], "), got ", shape_str(grad_out));
+  check_same_device(x, "x", grad_out, "grad_out", op);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "fercuda.", op, ": argument 'grad_out' must be a ",
+              c10::toString(x.scalar_type()), " tensor like x, got ", c10::toString(grad_out.scalar_type()));
+}
+
+// BatchNorm's batch statistics need two values per channel, as nn.BatchNorm2d demands.
+inline void check_dwconv_batch_stats(const char* op, int64_t n, int64_t channels, int64_t h_out, int64_t w_out) {
+  TORCH_CHECK(n * h_out * w_out > 1, "fercuda.", op,
+              ": Expected more than 1 value per channel when training, got input size [", n, ", ", channels,
+              ", ", h_out, ", ", w_out, "]");
 }
 
 }  // namespace fercuda

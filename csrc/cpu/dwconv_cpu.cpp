@@ -1,0 +1,616 @@
+// CPU kernels of the fused depthwise 3x3 conv + BatchNorm + ReLU6 (schemas in csrc/ops.cpp).
+//
+// Layouts. NCHW: one task per (n, c) plane; the plane is widened into a zero-padded
+// buffer of the accumulation type (it fits in L1/L2 for this network's sizes), so the
+// 3x3 loops have no border branches and vectorize along W. channels_last: one task per
+// (n, output row); the loops run along C, contiguous in memory.
+//
+// Passes over memory (x, y, grad tensors; the (C,) vectors do not count):
+//  inference  1 pass:  read x, write y (BatchNorm folded into the conv weights).
+//  training   2 passes: the batch statistics must be complete before any output is
+//             normalized, so pass 1 computes the conv and reduces per-channel mean / M2
+//             (storing nothing), pass 2 recomputes the conv (cheaper than writing and
+//             re-reading the pre-BatchNorm tensor) and writes y.
+//  backward   training: 2 passes. gz needs sum(ga) and sum(ga * xhat) over the whole
+//             batch, so pass 1 recomputes conv -> xhat -> ReLU6 mask from x and reduces
+//             them; pass 2 recomputes the same, forms gz, and produces grad_x (transposed
+//             depthwise conv) and the grad_weight / grad_bias reductions.
+//             frozen BatchNorm (training=False): gz is local, 1 pass.
+// channels_last backward runs on NCHW copies of x and grad_out (two extra copies).
+//
+// Reductions are deterministic: per-plane (per-row) partials land in fixed slots and are
+// combined in a fixed order in double precision.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "fercuda/checks.h"
+#include "fercuda/dwconv_math.h"
+
+#define FERCUDA_SIMD __attribute__((target_clones("avx2", "default")))
+
+namespace fercuda {
+namespace {
+
+using dwconv::kTaps;
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor as_layout(const at::Tensor& t, bool channels_last) {
+  return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
+}
+
+// Per-channel parameters widened to the accumulation type, in one place.
+template <typename T>
+struct ChannelParams {
+  at::Tensor w;  // (C, 9)
+  at::Tensor b, bn_w, bn_b, mean, invstd;  // (C,)
+};
+
+template <typename T>
+at::Tensor widen(const at::Tensor& t) {
+  return t.to(c10::CppTypeToScalarType<T>::value).contiguous();
+}
+
+// A run of n values of the tensor's dtype as T: the same memory when the types agree,
+// else a widened copy in buf.
+template <typename scalar_t, typename T>
+const T* load_as(const scalar_t* p, int64_t n, T* buf) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return p;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<T>(p[i]);
+    return buf;
+  }
+}
+
+// ---- Hot loops, on the accumulation type only (so one AVX2 clone serves every dtype) ----
+
+// z[oy][ox] = shift + sum of the 3x3 window of the padded plane xp (row length wp).
+template <typename T>
+FERCUDA_SIMD void conv_plane(const T* __restrict xp, int64_t wp, const T* __restrict w, T shift, int64_t stride,
+                             int64_t h_out, int64_t w_out, T* __restrict z) {
+  const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
+  for (int64_t oy = 0; oy < h_out; ++oy) {
+    const T* r0 = xp + oy * stride * wp;
+    const T* r1 = r0 + wp;
+    const T* r2 = r1 + wp;
+    T* zr = z + oy * w_out;
+    if (stride == 1) {
+      for (int64_t ox = 0; ox < w_out; ++ox) {
+        zr[ox] = shift + r0[ox] * w0 + r0[ox + 1] * w1 + r0[ox + 2] * w2 + r1[ox] * w3 + r1[ox + 1] * w4 +
+                 r1[ox + 2] * w5 + r2[ox] * w6 + r2[ox + 1] * w7 + r2[ox + 2] * w8;
+      }
+    } else {
+      for (int64_t ox = 0; ox < w_out; ++ox) {
+        const int64_t i = 2 * ox;
+        zr[ox] = shift + r0[i] * w0 + r0[i + 1] * w1 + r0[i + 2] * w2 + r1[i] * w3 + r1[i + 1] * w4 +
+                 r1[i + 2] * w5 + r2[i] * w6 + r2[i + 1] * w7 + r2[i + 2] * w8;
+      }
+    }
+  }
+}
+
+template <typename T>
+FERCUDA_SIMD void relu6_inplace(T* __restrict z, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) z[i] = dwconv::relu6(z[i]);
+}
+
+// Mean and sum of squared deviations of n values (two passes over L1-resident data: no
+// cancellation, unlike sum / sum of squares).
+template <typename T>
+FERCUDA_SIMD void mean_m2(const T* __restrict z, int64_t n, double& mean, double& m2) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += z[i];
+  const T mu = s / static_cast<T>(n);
+  T q = 0;
+  for (int64_t i = 0; i < n; ++i) q += (z[i] - mu) * (z[i] - mu);
+  mean = mu;
+  m2 = q;
+}
+
+// channels_last: one output row z[ox][c] (shift[c] + 3x3 window) from three input rows
+// (W, C) of the accumulation type; a null row is zero padding.
+template <typename T>
+FERCUDA_SIMD void conv_row_cl(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
+                              int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
+                              T* __restrict z) {
+  for (int64_t ox = 0; ox < w_out; ++ox) {
+    T* __restrict zo = z + ox * channels;
+    for (int64_t c = 0; c < channels; ++c) zo[c] = shift[c];
+    for (int ky = 0; ky < 3; ++ky) {
+      if (rows[ky] == nullptr) continue;
+      for (int kx = 0; kx < 3; ++kx) {
+        const int64_t ix = ox * stride - padding + kx;
+        if (ix < 0 || ix >= width) continue;
+        const T* __restrict xi = rows[ky] + ix * channels;
+        const T* __restrict wt = w9c + (ky * 3 + kx) * channels;
+        for (int64_t c = 0; c < channels; ++c) zo[c] += xi[c] * wt[c];
+      }
+    }
+  }
+}
+
+// channels_last: per-channel mean and M2 over the w_out pixels of one row z[ox][c].
+template <typename T>
+FERCUDA_SIMD void row_mean_m2_cl(const T* __restrict z, int64_t w_out, int64_t channels, T* __restrict mean,
+                                 T* __restrict m2) {
+  for (int64_t c = 0; c < channels; ++c) mean[c] = 0;
+  for (int64_t ox = 0; ox < w_out; ++ox)
+    for (int64_t c = 0; c < channels; ++c) mean[c] += z[ox * channels + c];
+  const T inv = T(1) / static_cast<T>(w_out);
+  for (int64_t c = 0; c < channels; ++c) mean[c] *= inv;
+  for (int64_t c = 0; c < channels; ++c) m2[c] = 0;
+  for (int64_t ox = 0; ox < w_out; ++ox)
+    for (int64_t c = 0; c < channels; ++c) {
+      const T d = z[ox * channels + c] - mean[c];
+      m2[c] += d * d;
+    }
+}
+
+// Backward, elementwise on one plane: from z and g, the mask and xhat; gz where wanted,
+// and the plane's sums of ga, ga * xhat and gz.
+template <typename T>
+FERCUDA_SIMD void bn_relu6_grad_plane(const T* __restrict z, const T* __restrict g, int64_t n, T mean, T invstd,
+                                      T bn_w, T bn_b, dwconv::BNBackward<T> k, T* __restrict gz, T& sum_ga,
+                                      T& sum_ga_xhat, T& sum_gz) {
+  T s_ga = 0, s_gx = 0, s_gz = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T xhat = (z[i] - mean) * invstd;
+    const T a = bn_w * xhat + bn_b;
+    const T ga = dwconv::relu6_passes(a) ? g[i] : T(0);
+    s_ga += ga;
+    s_gx += ga * xhat;
+    if (gz != nullptr) {
+      const T v = dwconv::grad_z(k, ga, xhat);
+      gz[i] = v;
+      s_gz += v;
+    }
+  }
+  sum_ga = s_ga;
+  sum_ga_xhat = s_gx;
+  sum_gz = s_gz;
+}
+
+// grad_w[tap] = sum over the plane of gz * the input under that tap.
+template <typename T>
+FERCUDA_SIMD void grad_weight_plane(const T* __restrict xp, int64_t wp, const T* __restrict gz, int64_t stride,
+                                    int64_t h_out, int64_t w_out, T* __restrict gw) {
+  for (int t = 0; t < kTaps; ++t) {
+    const int ky = t / 3, kx = t % 3;
+    T s = 0;
+    for (int64_t oy = 0; oy < h_out; ++oy) {
+      const T* r = xp + (oy * stride + ky) * wp + kx;
+      const T* gr = gz + oy * w_out;
+      if (stride == 1) {
+        for (int64_t ox = 0; ox < w_out; ++ox) s += gr[ox] * r[ox];
+      } else {
+        for (int64_t ox = 0; ox < w_out; ++ox) s += gr[ox] * r[2 * ox];
+      }
+    }
+    gw[t] = s;
+  }
+}
+
+// Transposed depthwise conv: scatter gz * w into the padded plane gxp (zeroed by the caller).
+template <typename T>
+FERCUDA_SIMD void grad_input_plane(const T* __restrict gz, const T* __restrict w, int64_t stride, int64_t h_out,
+                                   int64_t w_out, int64_t wp, T* __restrict gxp) {
+  for (int64_t oy = 0; oy < h_out; ++oy) {
+    const T* gr = gz + oy * w_out;
+    for (int ky = 0; ky < 3; ++ky) {
+      T* row = gxp + (oy * stride + ky) * wp;
+      for (int kx = 0; kx < 3; ++kx) {
+        const T wt = w[ky * 3 + kx];
+        T* r = row + kx;
+        if (stride == 1) {
+          for (int64_t ox = 0; ox < w_out; ++ox) r[ox] += gr[ox] * wt;
+        } else {
+          for (int64_t ox = 0; ox < w_out; ++ox) r[2 * ox] += gr[ox] * wt;
+        }
+      }
+    }
+  }
+}
+
+// ---- Plane / row drivers ------------------------------------------------------------
+
+struct Geometry {
+  int64_t n, c, h, w, h_out, w_out, stride, padding;
+  int64_t hp() const { return h + 2 * padding; }
+  int64_t wp() const { return w + 2 * padding; }
+};
+
+// Widens one (H, W) plane into the zero-padded buffer xp ((H + 2p) x (W + 2p)).
+template <typename scalar_t, typename T>
+void load_padded_plane(const scalar_t* x, const Geometry& g, T* xp) {
+  const int64_t wp = g.wp();
+  std::fill(xp, xp + g.padding * wp, T(0));
+  for (int64_t y = 0; y < g.h; ++y) {
+    T* row = xp + (y + g.padding) * wp;
+    std::fill(row, row + g.padding, T(0));
+    const scalar_t* src = x + y * g.w;
+    for (int64_t i = 0; i < g.w; ++i) row[g.padding + i] = static_cast<T>(src[i]);
+    std::fill(row + g.padding + g.w, row + wp, T(0));
+  }
+  std::fill(xp + (g.h + g.padding) * wp, xp + g.hp() * wp, T(0));
+}
+
+// y = relu6(conv(x, w_folded) + shift), NCHW, one pass.
+template <typename scalar_t, typename T>
+void affine_relu6_nchw(const at::Tensor& x, const T* w_folded, const T* shift, const Geometry& g, at::Tensor& y) {
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  scalar_t* yd = y.mutable_data_ptr<scalar_t>();
+  const int64_t plane_in = g.h * g.w, plane_out = g.h_out * g.w_out;
+  at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xp(g.hp() * g.wp()), z(plane_out);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % g.c;
+      load_padded_plane(xd + p * plane_in, g, xp.data());
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        T* out = yd + p * plane_out;
+        conv_plane(xp.data(), g.wp(), w_folded + c * kTaps, shift[c], g.stride, g.h_out, g.w_out, out);
+        relu6_inplace(out, plane_out);
+      } else {
+        conv_plane(xp.data(), g.wp(), w_folded + c * kTaps, shift[c], g.stride, g.h_out, g.w_out, z.data());
+        scalar_t* out = yd + p * plane_out;
+        for (int64_t i = 0; i < plane_out; ++i) out[i] = static_cast<scalar_t>(dwconv::relu6(z[i]));
+      }
+    }
+  });
+}
+
+// channels_last: the three input rows under output row oy, as T (null = padding row).
+template <typename scalar_t, typename T>
+void rows_under(const scalar_t* img, const Geometry& g, int64_t oy, std::vector<T>& buf, const T* rows[3]) {
+  const int64_t row_len = g.w * g.c;
+  for (int ky = 0; ky < 3; ++ky) {
+    const int64_t iy = oy * g.stride - g.padding + ky;
+    rows[ky] = (iy < 0 || iy >= g.h) ? nullptr : load_as(img + iy * row_len, row_len, buf.data() + ky * row_len);
+  }
+}
+
+// channels_last: visits every output row (n, oy) with its conv output z[ox][c] =
+// shift[c] + sum of w9c taps; fn(row_index, z).
+template <typename scalar_t, typename T, typename Fn>
+void for_each_conv_row_cl(const at::Tensor& x, const T* w9c, const T* shift, const Geometry& g, Fn fn) {
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  at::parallel_for(0, g.n * g.h_out, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(std::is_same_v<scalar_t, T> ? 0 : 3 * g.w * g.c), z(g.w_out * g.c);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.h_out, oy = r % g.h_out;
+      const T* rows[3];
+      rows_under(xd + n * g.h * g.w * g.c, g, oy, buf, rows);
+      conv_row_cl(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z.data());
+      fn(r, z.data());
+    }
+  });
+}
+
+template <typename scalar_t, typename T>
+void affine_relu6_cl(const at::Tensor& x, const T* w9c, const T* shift, const Geometry& g, at::Tensor& y) {
+  scalar_t* yd = y.mutable_data_ptr<scalar_t>();
+  const int64_t row_out = g.w_out * g.c;
+  for_each_conv_row_cl<scalar_t, T>(x, w9c, shift, g, [&](int64_t r, T* z) {
+    scalar_t* out = yd + r * row_out;
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      relu6_inplace(z, row_out);
+      std::memcpy(out, z, row_out * sizeof(T));
+    } else {
+      for (int64_t i = 0; i < row_out; ++i) out[i] = static_cast<scalar_t>(dwconv::relu6(z[i]));
+    }
+  });
+}
+
+// Folded weights and shift for mean / invstd: (C, 9) and (C,) in T.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> fold(const ChannelParams<T>& p, const at::Tensor& mean, const at::Tensor& invstd,
+                                       int64_t channels) {
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  at::Tensor wf = at::empty({channels, kTaps}, at::TensorOptions().dtype(st));
+  at::Tensor shift = at::empty({channels}, at::TensorOptions().dtype(st));
+  const T* w = p.w.template const_data_ptr<T>();
+  const T *b = p.b.template const_data_ptr<T>(), *bw = p.bn_w.template const_data_ptr<T>(),
+          *bb = p.bn_b.template const_data_ptr<T>(), *mu = mean.const_data_ptr<T>(),
+          *is = invstd.const_data_ptr<T>();
+  T* wfd = wf.mutable_data_ptr<T>();
+  T* sd = shift.mutable_data_ptr<T>();
+  for (int64_t c = 0; c < channels; ++c) {
+    const auto f = dwconv::bn_fold(b[c], bw[c], bb[c], mu[c], is[c]);
+    for (int t = 0; t < kTaps; ++t) wfd[c * kTaps + t] = w[c * kTaps + t] * f.scale;
+    sd[c] = f.shift;
+  }
+  return {wf, shift};
+}
+
+template <typename T>
+ChannelParams<T> channel_params(const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& bn_weight, const at::Tensor& bn_bias, int64_t channels) {
+  ChannelParams<T> p;
+  p.w = widen<T>(weight).reshape({channels, kTaps});
+  p.b = bias.has_value() ? widen<T>(*bias) : at::zeros({channels}, weight.options().dtype(c10::CppTypeToScalarType<T>::value));
+  p.bn_w = widen<T>(bn_weight);
+  p.bn_b = widen<T>(bn_bias);
+  return p;
+}
+
+// (C, 9) -> (9, C): the channels_last loops read one tap for all channels.
+at::Tensor taps_major(const at::Tensor& w) { return w.t().contiguous(); }
+
+Geometry geometry(const at::Tensor& x, const std::array<int64_t, 4>& out, int64_t stride, int64_t padding) {
+  return {x.size(0), x.size(1), x.size(2), x.size(3), out[2], out[3], stride, padding};
+}
+
+at::Tensor empty_output(const at::Tensor& x, const std::array<int64_t, 4>& out, bool channels_last) {
+  return at::empty({out[0], out[1], out[2], out[3]},
+                   x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous));
+}
+
+template <typename scalar_t>
+void affine_relu6(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& shift, const Geometry& g,
+                  bool channels_last, at::Tensor& y) {
+  using T = acc_type_t<scalar_t>;
+  if (channels_last) {
+    const at::Tensor w9c = taps_major(wf);
+    affine_relu6_cl<scalar_t, T>(x, w9c.const_data_ptr<T>(), shift.const_data_ptr<T>(), g, y);
+  } else {
+    affine_relu6_nchw<scalar_t, T>(x, wf.const_data_ptr<T>(), shift.const_data_ptr<T>(), g, y);
+  }
+}
+
+#define FERCUDA_DISPATCH_DWCONV(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+// ---- Ops -----------------------------------------------------------------------------
+
+at::Tensor dwconv_bn_relu6_cpu(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& running_mean,
+                               const at::Tensor& running_var, int64_t stride, int64_t padding, double eps) {
+  const char* op = "dwconv_bn_relu6";
+  const auto out = check_dwconv_args(op, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
+                                     padding, "running_mean", "running_var", /*allow_double=*/true);
+  const bool cl = is_channels_last(x_in);
+  const at::Tensor x = as_layout(x_in, cl);
+  at::Tensor y = empty_output(x, out, cl);
+  if (y.numel() == 0) return y;
+  const Geometry g = geometry(x, out, stride, padding);
+  FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6", [&] {
+    using T = acc_type_t<scalar_t>;
+    const auto p = channel_params<T>(weight, bias, bn_weight, bn_bias, g.c);
+    const at::Tensor mean = widen<T>(running_mean);
+    const at::Tensor invstd = at::rsqrt(widen<T>(running_var) + eps);
+    auto [wf, shift] = fold(p, mean, invstd, g.c);
+    affine_relu6<scalar_t>(x, wf, shift, g, cl, y);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& running_mean, at::Tensor& running_var,
+    int64_t stride, int64_t padding, double eps, double momentum) {
+  const char* op = "dwconv_bn_relu6_train";
+  const auto out = check_dwconv_args(op, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
+                                     padding, "running_mean", "running_var", /*allow_double=*/true);
+  const bool cl = is_channels_last(x_in);
+  const at::Tensor x = as_layout(x_in, cl);
+  at::Tensor y = empty_output(x, out, cl);
+  const int64_t channels = out[1];
+  const auto stats_opts = x.options().dtype(at::kFloat);
+  if (y.numel() == 0) {
+    return {y, at::zeros({channels}, stats_opts), at::ones({channels}, stats_opts)};
+  }
+  check_dwconv_batch_stats(op, out[0], out[1], out[2], out[3]);
+  const Geometry g = geometry(x, out, stride, padding);
+  const int64_t count = g.n * g.h_out * g.w_out;
+  at::Tensor batch_mean = at::empty({channels}, x.options().dtype(at::kDouble));
+  at::Tensor batch_var = at::empty({channels}, x.options().dtype(at::kDouble));  // biased
+  FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6", [&] {
+    using T = acc_type_t<scalar_t>;
+    const auto p = channel_params<T>(weight, bias, bn_weight, bn_bias, g.c);
+    const T* w = p.w.template const_data_ptr<T>();
+    const T* b = p.b.template const_data_ptr<T>();
+    double* mean_d = batch_mean.mutable_data_ptr<double>();
+    double* var_d = batch_var.mutable_data_ptr<double>();
+    // Pass 1: conv -> per-part mean / M2 (parts of equal size), then Chan's combination.
+    if (cl) {
+      at::Tensor part_mean = at::empty({g.n * g.h_out, g.c}, p.w.options());
+      at::Tensor part_m2 = at::empty({g.n * g.h_out, g.c}, p.w.options());
+      T* pm = part_mean.mutable_data_ptr<T>();
+      T* pq = part_m2.mutable_data_ptr<T>();
+      const at::Tensor w9c = taps_major(p.w);
+      for_each_conv_row_cl<scalar_t, T>(x, w9c.const_data_ptr<T>(), b, g, [&](int64_t r, T* z) {
+        row_mean_m2_cl(z, g.w_out, g.c, pm + r * g.c, pq + r * g.c);
+      });
+      const int64_t parts = g.n * g.h_out;
+      at::parallel_for(0, g.c, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          double s = 0;
+          for (int64_t r = 0; r < parts; ++r) s += pm[r * g.c + c];
+          const double mu = s / parts;
+          double m2 = 0;
+          for (int64_t r = 0; r < parts; ++r) {
+            const double d = pm[r * g.c + c] - mu;
+            m2 += pq[r * g.c + c] + d * d * g.w_out;
+          }
+          mean_d[c] = mu;
+          var_d[c] = m2 / count;
+        }
+      });
+    } else {
+      std::vector<double> pm(g.n * g.c), pq(g.n * g.c);
+      const scalar_t* xd = x.const_data_ptr<scalar_t>();
+      const int64_t plane_out = g.h_out * g.w_out;
+      at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> xp(g.hp() * g.wp()), z(plane_out);
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t c = q % g.c;
+          load_padded_plane(xd + q * g.h * g.w, g, xp.data());
+          conv_plane(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, g.h_out, g.w_out, z.data());
+          mean_m2(z.data(), plane_out, pm[q], pq[q]);
+        }
+      });
+      for (int64_t c = 0; c < g.c; ++c) {
+        double s = 0;
+        for (int64_t n = 0; n < g.n; ++n) s += pm[n * g.c + c];
+        const double mu = s / g.n;
+        double m2 = 0;
+        for (int64_t n = 0; n < g.n; ++n) {
+          const double d = pm[n * g.c + c] - mu;
+          m2 += pq[n * g.c + c] + d * d * plane_out;
+        }
+        mean_d[c] = mu;
+        var_d[c] = m2 / count;
+      }
+    }
+    // Pass 2: recompute the conv, normalize with the batch statistics, ReLU6, write y.
+    const at::Tensor mean_t = batch_mean.to(c10::CppTypeToScalarType<T>::value);
+    const at::Tensor invstd_t = at::rsqrt(batch_var + eps).to(c10::CppTypeToScalarType<T>::value);
+    auto [wf, shift] = fold(p, mean_t, invstd_t, g.c);
+    affine_relu6<scalar_t>(x, wf, shift, g, cl, y);
+  });
+  // nn.BatchNorm2d: the running variance takes the unbiased estimate.
+  {
+    at::NoGradGuard no_grad;
+    const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+    running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.scalar_type()), momentum);
+    running_var.mul_(1.0 - momentum).add_((batch_var * unbias).to(running_var.scalar_type()), momentum);
+  }
+  return {y, batch_mean.to(at::kFloat), at::rsqrt(batch_var + eps).to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const at::Tensor& mean, const at::Tensor& invstd, int64_t stride, int64_t padding, bool training) {
+  const char* op = "dwconv_bn_relu6_backward";
+  const auto out = check_dwconv_args(op, x_in, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
+                                     "mean", "invstd", /*allow_double=*/true);
+  check_dwconv_grad_out(op, grad_out_in, x_in, out);
+  const bool cl = is_channels_last(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const int64_t channels = out[1];
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_w = at::empty({channels, 1, 3, 3}, weight.options());
+  at::Tensor grad_b = at::empty({channels}, weight.options());
+  at::Tensor grad_bn_w = at::empty({channels}, bn_weight.options());
+  at::Tensor grad_bn_b = at::empty({channels}, bn_bias.options());
+  if (x.numel() == 0 || grad_out.numel() == 0) {
+    grad_x.zero_();
+    grad_w.zero_();
+    grad_b.zero_();
+    grad_bn_w.zero_();
+    grad_bn_b.zero_();
+    return {as_layout(grad_x, cl), grad_w, grad_b, grad_bn_w, grad_bn_b};
+  }
+  const Geometry g = geometry(x, out, stride, padding);
+  const double count = static_cast<double>(g.n * g.h_out * g.w_out);
+  const int64_t planes = g.n * g.c;
+  const int64_t plane_in = g.h * g.w, plane_out = g.h_out * g.w_out;
+  // Per-plane partials: sum ga, sum ga*xhat, sum gz, 9 weight taps.
+  constexpr int kSlots = 3 + kTaps;
+  std::vector<double> part(planes * kSlots);
+  at::Tensor sums = at::empty({channels, kSlots}, x.options().dtype(at::kDouble));
+  FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6", [&] {
+    using T = acc_type_t<scalar_t>;
+    const auto p = channel_params<T>(weight, bias, bn_weight, bn_bias, g.c);
+    const T* w = p.w.template const_data_ptr<T>();
+    const T* b = p.b.template const_data_ptr<T>();
+    const T* bw = p.bn_w.template const_data_ptr<T>();
+    const T* bb = p.bn_b.template const_data_ptr<T>();
+    const at::Tensor mean_t = widen<T>(mean), invstd_t = widen<T>(invstd);
+    const T* mu = mean_t.const_data_ptr<T>();
+    const T* is = invstd_t.const_data_ptr<T>();
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* gxd = grad_x.mutable_data_ptr<scalar_t>();
+    double* sd = sums.mutable_data_ptr<double>();
+    auto reduce_planes = [&](int first_slot, int slots) {
+      for (int64_t c = 0; c < g.c; ++c)
+        for (int s = first_slot; s < first_slot + slots; ++s) {
+          double acc = 0;
+          for (int64_t n = 0; n < g.n; ++n) acc += part[(n * g.c + c) * kSlots + s];
+          sd[c * kSlots + s] = acc;
+        }
+    };
+    // Pass 1 (training only): sum(ga) and sum(ga * xhat) over the batch.
+    std::vector<dwconv::BNBackward<T>> coeffs(g.c);
+    if (training) {
+      at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> xp(g.hp() * g.wp()), z(plane_out), gbuf(plane_out);
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t c = q % g.c;
+          load_padded_plane(xd + q * plane_in, g, xp.data());
+          conv_plane(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, g.h_out, g.w_out, z.data());
+          const T* gp = load_as(gd + q * plane_out, plane_out, gbuf.data());
+          T s_ga, s_gx, s_gz;
+          bn_relu6_grad_plane<T>(z.data(), gp, plane_out, mu[c], is[c], bw[c], bb[c], {}, nullptr, s_ga, s_gx,
+                                 s_gz);
+          part[q * kSlots + 0] = s_ga;
+          part[q * kSlots + 1] = s_gx;
+        }
+      });
+      reduce_planes(0, 2);
+    }
+    for (int64_t c = 0; c < g.c; ++c) {
+      coeffs[c] = dwconv::bn_backward_coeffs<T>(bw[c], is[c], training ? sd[c * kSlots] : 0.0,
+                                                training ? sd[c * kSlots + 1] : 0.0, count, training);
+    }
+    // Pass 2: gz, then grad_x (transposed conv) and the grad_weight / grad_bias partials.
+    at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> xp(g.hp() * g.wp()), gxp(g.hp() * g.wp()), z(plane_out), gbuf(plane_out), gz(plane_out);
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t c = q % g.c;
+        load_padded_plane(xd + q * plane_in, g, xp.data());
+        conv_plane(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, g.h_out, g.w_out, z.data());
+        const T* gp = load_as(gd + q * plane_out, plane_out, gbuf.data());
+        T s_ga, s_gx, s_gz;
+        bn_relu6_grad_plane<T>(z.data(), gp, plane_out, mu[c], is[c], bw[c], bb[c], coeffs[c], gz.data(), s_ga,
+                               s_gx, s_gz);
+        double* slot = part.data() + q * kSlots;
+        if (!training) {
+          slot[0] = s_ga;
+          slot[1] = s_gx;
+        }
+        slot[2] = s_gz;
+        T gw[kTaps];
+        grad_weight_plane(xp.data(), g.wp(), gz.data(), g.stride, g.h_out, g.w_out, gw);
+        for (int t = 0; t < kTaps; ++t) slot[3 + t] = gw[t];
+        std::fill(gxp.begin(), gxp.end(), T(0));
+        grad_input_plane(gz.data(), w + c * kTaps, g.stride, g.h_out, g.w_out, g.wp(), gxp.data());
+        scalar_t* dst = gxd + q * plane_in;
+        for (int64_t y = 0; y < g.h; ++y) {
+          const T* src = gxp.data() + (y + g.padding) * g.wp() + g.padding;
+          for (int64_t i = 0; i < g.w; ++i) dst[y * g.w + i] = static_cast<scalar_t>(src[i]);
+        }
+      }
+    });
+    reduce_planes(training ? 2 : 0, training ? kSlots - 2 : kSlots);
+  });
+  grad_bn_b.copy_(sums.select(1, 0));
+  grad_bn_w.copy_(sums.select(1, 1));
+  grad_b.copy_(sums.select(1, 2));
+  grad_w.view({channels, kTaps}).copy_(sums.narrow(1, 3, kTaps));
+  return {as_layout(grad_x, cl), grad_w, grad_b, grad_bn_w, grad_bn_b};
+}
+
+}  // namespace
+}  // namespace fercuda
+
+TORCH_LIBRARY_IMPL(fercuda, CPU, m) {
+  m.impl("dwconv_bn_relu6", &fercuda::dwconv_bn_relu6_cpu);
+  m.impl("dwconv_bn_relu6_train", &fercuda::dwconv_bn_relu6_train_cpu);
+  m.impl("dwconv_bn_relu6_backward", &fercuda::dwconv_bn_relu6_backward_cpu);
+}
