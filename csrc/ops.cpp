@@ -38,12 +38,16 @@ TORCH_LIBRARY(fercuda, m) {
   m.def(
       "dwconv_bn_relu6(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor running_mean, Tensor running_var, int stride=1, int padding=1, float eps=1e-5) -> Tensor");
-  // Training: batch statistics; running_mean / running_var updated in place as nn.BatchNorm2d
-  // does. Returns (out, save_mean, save_invstd), the last two float32 (C,), for the backward.
+  // Training: batch statistics. Returns (out, save_mean, save_invstd, new_running_mean,
+  // new_running_var): save_* float32 (C,) for the backward; new_running_* the running
+  // statistics updated as nn.BatchNorm2d does (momentum, unbiased variance), in the dtype of
+  // running_mean / running_var. The op is functional (torch.library.register_autograd
+  // refuses ops that mutate their inputs); fercuda.ops.dwconv_bn_relu6 copies the new
+  // statistics into the buffers.
   m.def(
       "dwconv_bn_relu6_train(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
-      "Tensor(a!) running_mean, Tensor(b!) running_var, int stride=1, int padding=1, float eps=1e-5, "
-      "float momentum=0.1) -> (Tensor, Tensor, Tensor)");
+      "Tensor running_mean, Tensor running_var, int stride=1, int padding=1, float eps=1e-5, "
+      "float momentum=0.1) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients (x, weight, bias, bn_weight, bn_bias) from grad_out. training=True: mean/invstd
   // are the saved batch statistics and flow into the gradient; training=False: they are the
   // running statistics (invstd = 1/sqrt(running_var + eps)), constants. grad_bias has shape

@@ -396,9 +396,10 @@ at::Tensor dwconv_bn_relu6_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& running_mean, at::Tensor& running_var,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var,
     int64_t stride, int64_t padding, double eps, double momentum) {
   const char* op = "dwconv_bn_relu6_train";
   const auto out = check_dwconv_args(op, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
@@ -409,7 +410,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cpu(
   const int64_t channels = out[1];
   const auto stats_opts = x.options().dtype(at::kFloat);
   if (y.numel() == 0) {
-    return {y, at::zeros({channels}, stats_opts), at::ones({channels}, stats_opts)};
+    // nn.BatchNorm2d leaves the running statistics alone on an empty batch.
+    return {y, at::zeros({channels}, stats_opts), at::ones({channels}, stats_opts), running_mean.clone(),
+            running_var.clone()};
   }
   check_dwconv_batch_stats(op, out[0], out[1], out[2], out[3]);
   const Geometry g = geometry(x, out, stride, padding);
@@ -481,13 +484,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cpu(
     affine_relu6<scalar_t>(x, wf, shift, g, cl, y);
   });
   // nn.BatchNorm2d: the running variance takes the unbiased estimate.
-  {
-    at::NoGradGuard no_grad;
-    const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
-    running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.scalar_type()), momentum);
-    running_var.mul_(1.0 - momentum).add_((batch_var * unbias).to(running_var.scalar_type()), momentum);
-  }
-  return {y, batch_mean.to(at::kFloat), at::rsqrt(batch_var + eps).to(at::kFloat)};
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  at::Tensor new_mean = (running_mean.to(at::kDouble) * (1.0 - momentum) + batch_mean * momentum)
+                            .to(running_mean.scalar_type());
+  at::Tensor new_var = (running_var.to(at::kDouble) * (1.0 - momentum) + batch_var * (unbias * momentum))
+                           .to(running_var.scalar_type());
+  return {y, batch_mean.to(at::kFloat), at::rsqrt(batch_var + eps).to(at::kFloat), new_mean, new_var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_backward_cpu(

@@ -1,0 +1,58 @@
+"""Autograd of the fused depthwise conv + BatchNorm + ReLU6 ops.
+
+The backward is itself a registered op (fercuda::dwconv_bn_relu6_backward), so
+torch.compile traces it like any other op instead of falling back to eager.
+"""
+
+import torch
+
+
+def _stats_dtype(t):
+    # Half-precision running statistics are widened so invstd is not rounded twice.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _grads(ctx, grads):
+    grad_x, grad_w, grad_b, grad_bn_w, grad_bn_b = grads
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None), grad_bn_w, grad_bn_b
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, weight, bias, bn_weight, bn_bias, _running_mean, _running_var, stride, padding, _eps, _momentum = inputs
+    _out, save_mean, save_invstd, _new_mean, _new_var = output
+    ctx.has_bias = bias is not None
+    ctx.stride, ctx.padding = stride, padding
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, save_mean, save_invstd)
+
+
+def _train_backward(ctx, grad_out, *_grad_statistics):
+    x, weight, bias, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+    grads = torch.ops.fercuda.dwconv_bn_relu6_backward(
+        grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, ctx.stride, ctx.padding, True
+    )
+    # The statistics outputs and the running_mean / running_var inputs are not differentiated.
+    return (*_grads(ctx, grads), None, None, None, None, None, None)
+
+
+def _eval_setup_context(ctx, inputs, output):
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, eps = inputs
+    ctx.has_bias = bias is not None
+    ctx.stride, ctx.padding, ctx.eps = stride, padding, eps
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
+
+
+def _eval_backward(ctx, grad_out):
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
+    # Frozen BatchNorm: the running statistics are constants of the graph.
+    mean = running_mean.to(_stats_dtype(running_mean))
+    invstd = torch.rsqrt(running_var.to(_stats_dtype(running_var)) + ctx.eps)
+    grads = torch.ops.fercuda.dwconv_bn_relu6_backward(
+        grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, ctx.stride, ctx.padding, False
+    )
+    return (*_grads(ctx, grads), None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "fercuda::dwconv_bn_relu6_train", _train_backward, setup_context=_train_setup_context
+)
+torch.library.register_autograd("fercuda::dwconv_bn_relu6", _eval_backward, setup_context=_eval_setup_context)
