@@ -6,7 +6,12 @@ import torch
 # ---- Fused depthwise 3x3 conv + BatchNorm + ReLU6 ---------------------------------
 # The checks mirror check_dwconv_args in csrc/include/fercuda/checks.h, message for message.
 
-_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+# c10::toString(ScalarType) spellings, so the fakes' messages equal the kernels'.
+_DTYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
 
 
 def _dtype_name(dtype):
