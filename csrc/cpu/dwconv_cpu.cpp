@@ -1,8 +1,9 @@
 // CPU kernels of the fused depthwise 3x3 conv + BatchNorm + ReLU6 (schemas in csrc/ops.cpp).
 //
 // Layouts. NCHW: one task per (n, c) plane; the plane is widened into a zero-padded
-// buffer of the accumulation type (it fits in L1/L2 for this network's sizes), so the
-// 3x3 loops have no border branches and vectorize along W. channels_last: one task per
+// buffer of the accumulation type (it fits in L1/L2 for this network's sizes) and the
+// outputs computed in the "wide" layout (see conv_wide), so the 3x3 loops have no border
+// branches and run as one vector loop over the plane. channels_last: one task per
 // (n, output row); the loops run along C, contiguous in memory.
 //
 // Passes over memory (x, y, grad tensors; the (C,) vectors do not count):
@@ -76,28 +77,40 @@ const T* load_as(const scalar_t* p, int64_t n, T* buf) {
 
 // ---- Hot loops, on the accumulation type only (so one AVX2 clone serves every dtype) ----
 
-// z[oy][ox] = shift + sum of the 3x3 window of the padded plane xp (row length wp).
+// NCHW planes are processed in a "wide" layout: output (oy, ox) lives at k = oy * wp + ox,
+// wp being the padded plane's row length, so a tap (ky, kx) reads the padded plane at
+// k * stride + ky * wp + kx for every output and each loop runs over the whole plane at
+// once: long vector loops even for the network's 6x6 planes. Entries with ox >= w_out are
+// scratch (the last row has none); the backward gives them a zero gradient.
 template <typename T>
-FERCUDA_SIMD void conv_plane(const T* __restrict xp, int64_t wp, const T* __restrict w, T shift, int64_t stride,
-                             int64_t h_out, int64_t w_out, T* __restrict z) {
+FERCUDA_SIMD void conv_wide(const T* __restrict xp, int64_t wp, const T* __restrict w, T shift, int64_t stride,
+                            int64_t len, T* __restrict z) {
   const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
-  for (int64_t oy = 0; oy < h_out; ++oy) {
-    const T* r0 = xp + oy * stride * wp;
-    const T* r1 = r0 + wp;
-    const T* r2 = r1 + wp;
-    T* zr = z + oy * w_out;
-    if (stride == 1) {
-      for (int64_t ox = 0; ox < w_out; ++ox) {
-        zr[ox] = shift + r0[ox] * w0 + r0[ox + 1] * w1 + r0[ox + 2] * w2 + r1[ox] * w3 + r1[ox + 1] * w4 +
-                 r1[ox + 2] * w5 + r2[ox] * w6 + r2[ox + 1] * w7 + r2[ox + 2] * w8;
-      }
-    } else {
-      for (int64_t ox = 0; ox < w_out; ++ox) {
-        const int64_t i = 2 * ox;
-        zr[ox] = shift + r0[i] * w0 + r0[i + 1] * w1 + r0[i + 2] * w2 + r1[i] * w3 + r1[i + 1] * w4 +
-                 r1[i + 2] * w5 + r2[i] * w6 + r2[i + 1] * w7 + r2[i + 2] * w8;
-      }
+  const T* r0 = xp;
+  const T* r1 = xp + wp;
+  const T* r2 = xp + 2 * wp;
+  if (stride == 1) {
+    for (int64_t k = 0; k < len; ++k) {
+      z[k] = shift + r0[k] * w0 + r0[k + 1] * w1 + r0[k + 2] * w2 + r1[k] * w3 + r1[k + 1] * w4 + r1[k + 2] * w5 +
+             r2[k] * w6 + r2[k + 1] * w7 + r2[k + 2] * w8;
     }
+  } else {
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t i = 2 * k;
+      z[k] = shift + r0[i] * w0 + r0[i + 1] * w1 + r0[i + 2] * w2 + r1[i] * w3 + r1[i + 1] * w4 + r1[i + 2] * w5 +
+             r2[i] * w6 + r2[i + 1] * w7 + r2[i + 2] * w8;
+    }
+  }
+}
+
+// out[oy][ox] = relu6(z[oy * wp + ox]), narrowed to the output dtype.
+template <typename T, typename scalar_t>
+FERCUDA_SIMD void store_relu6_wide(const T* __restrict z, int64_t wp, int64_t h_out, int64_t w_out,
+                                   scalar_t* __restrict out) {
+  for (int64_t oy = 0; oy < h_out; ++oy) {
+    const T* zr = z + oy * wp;
+    scalar_t* o = out + oy * w_out;
+    for (int64_t ox = 0; ox < w_out; ++ox) o[ox] = static_cast<scalar_t>(dwconv::relu6(zr[ox]));
   }
 }
 
@@ -106,15 +119,21 @@ FERCUDA_SIMD void relu6_inplace(T* __restrict z, int64_t n) {
   for (int64_t i = 0; i < n; ++i) z[i] = dwconv::relu6(z[i]);
 }
 
-// Mean and sum of squared deviations of n values (two passes over L1-resident data: no
-// cancellation, unlike sum / sum of squares).
+// Mean and sum of squared deviations of one wide plane's outputs (two passes over
+// L1-resident data: no cancellation, unlike sum and sum of squares).
 template <typename T>
-FERCUDA_SIMD void mean_m2(const T* __restrict z, int64_t n, double& mean, double& m2) {
+FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, int64_t wp, int64_t h_out, int64_t w_out, double& mean,
+                               double& m2) {
   T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += z[i];
-  const T mu = s / static_cast<T>(n);
+  for (int64_t oy = 0; oy < h_out; ++oy)
+    for (int64_t ox = 0; ox < w_out; ++ox) s += z[oy * wp + ox];
+  const T mu = s / static_cast<T>(h_out * w_out);
   T q = 0;
-  for (int64_t i = 0; i < n; ++i) q += (z[i] - mu) * (z[i] - mu);
+  for (int64_t oy = 0; oy < h_out; ++oy)
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const T d = z[oy * wp + ox] - mu;
+      q += d * d;
+    }
   mean = mu;
   m2 = q;
 }
@@ -158,45 +177,43 @@ FERCUDA_SIMD void row_mean_m2_cl(const T* __restrict z, int64_t w_out, int64_t c
     }
 }
 
-// Backward, elementwise on one plane: from z and g, the mask and xhat; gz where wanted,
-// and the plane's sums of ga, ga * xhat and gz.
+// Backward, elementwise on one wide plane: from z and g (zero in the scratch entries), the
+// ReLU6 mask and xhat; the sums of ga and ga * xhat; gz where wanted.
 template <typename T>
-FERCUDA_SIMD void bn_relu6_grad_plane(const T* __restrict z, const T* __restrict g, int64_t n, T mean, T invstd,
-                                      T bn_w, T bn_b, dwconv::BNBackward<T> k, T* __restrict gz, T& sum_ga,
-                                      T& sum_ga_xhat, T& sum_gz) {
-  T s_ga = 0, s_gx = 0, s_gz = 0;
-  for (int64_t i = 0; i < n; ++i) {
+FERCUDA_SIMD void bn_relu6_grad_wide(const T* __restrict z, const T* __restrict g, int64_t len, T mean, T invstd,
+                                     T bn_w, T bn_b, dwconv::BNBackward<T> k, T* __restrict gz, T& sum_ga,
+                                     T& sum_ga_xhat) {
+  T s_ga = 0, s_gx = 0;
+  for (int64_t i = 0; i < len; ++i) {
     const T xhat = (z[i] - mean) * invstd;
     const T a = bn_w * xhat + bn_b;
     const T ga = dwconv::relu6_passes(a) ? g[i] : T(0);
     s_ga += ga;
     s_gx += ga * xhat;
-    if (gz != nullptr) {
-      const T v = dwconv::grad_z(k, ga, xhat);
-      gz[i] = v;
-      s_gz += v;
-    }
+    if (gz != nullptr) gz[i] = dwconv::grad_z(k, ga, xhat);
   }
   sum_ga = s_ga;
   sum_ga_xhat = s_gx;
-  sum_gz = s_gz;
 }
 
-// grad_w[tap] = sum over the plane of gz * the input under that tap.
 template <typename T>
-FERCUDA_SIMD void grad_weight_plane(const T* __restrict xp, int64_t wp, const T* __restrict gz, int64_t stride,
-                                    int64_t h_out, int64_t w_out, T* __restrict gw) {
+FERCUDA_SIMD T sum_of(const T* __restrict v, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += v[i];
+  return s;
+}
+
+// grad_w[tap] = sum over the wide plane of gz * the input under that tap.
+template <typename T>
+FERCUDA_SIMD void grad_weight_wide(const T* __restrict xp, int64_t wp, const T* __restrict gz, int64_t stride,
+                                   int64_t len, T* __restrict gw) {
   for (int t = 0; t < kTaps; ++t) {
-    const int ky = t / 3, kx = t % 3;
+    const T* r = xp + (t / 3) * wp + (t % 3);
     T s = 0;
-    for (int64_t oy = 0; oy < h_out; ++oy) {
-      const T* r = xp + (oy * stride + ky) * wp + kx;
-      const T* gr = gz + oy * w_out;
-      if (stride == 1) {
-        for (int64_t ox = 0; ox < w_out; ++ox) s += gr[ox] * r[ox];
-      } else {
-        for (int64_t ox = 0; ox < w_out; ++ox) s += gr[ox] * r[2 * ox];
-      }
+    if (stride == 1) {
+      for (int64_t k = 0; k < len; ++k) s += gz[k] * r[k];
+    } else {
+      for (int64_t k = 0; k < len; ++k) s += gz[k] * r[2 * k];
     }
     gw[t] = s;
   }
@@ -204,21 +221,15 @@ FERCUDA_SIMD void grad_weight_plane(const T* __restrict xp, int64_t wp, const T*
 
 // Transposed depthwise conv: scatter gz * w into the padded plane gxp (zeroed by the caller).
 template <typename T>
-FERCUDA_SIMD void grad_input_plane(const T* __restrict gz, const T* __restrict w, int64_t stride, int64_t h_out,
-                                   int64_t w_out, int64_t wp, T* __restrict gxp) {
-  for (int64_t oy = 0; oy < h_out; ++oy) {
-    const T* gr = gz + oy * w_out;
-    for (int ky = 0; ky < 3; ++ky) {
-      T* row = gxp + (oy * stride + ky) * wp;
-      for (int kx = 0; kx < 3; ++kx) {
-        const T wt = w[ky * 3 + kx];
-        T* r = row + kx;
-        if (stride == 1) {
-          for (int64_t ox = 0; ox < w_out; ++ox) r[ox] += gr[ox] * wt;
-        } else {
-          for (int64_t ox = 0; ox < w_out; ++ox) r[2 * ox] += gr[ox] * wt;
-        }
-      }
+FERCUDA_SIMD void grad_input_wide(const T* __restrict gz, const T* __restrict w, int64_t stride, int64_t len,
+                                  int64_t wp, T* __restrict gxp) {
+  for (int t = 0; t < kTaps; ++t) {
+    T* r = gxp + (t / 3) * wp + (t % 3);
+    const T wt = w[t];
+    if (stride == 1) {
+      for (int64_t k = 0; k < len; ++k) r[k] += gz[k] * wt;
+    } else {
+      for (int64_t k = 0; k < len; ++k) r[2 * k] += gz[k] * wt;
     }
   }
 }
@@ -231,19 +242,30 @@ struct Geometry {
   int64_t wp() const { return w + 2 * padding; }
 };
 
-// Widens one (H, W) plane into the zero-padded buffer xp ((H + 2p) x (W + 2p)).
+// Buffers of one padded plane or one wide plane: their border / scratch entries are
+// zeroed here once and never written again.
+template <typename T>
+std::vector<T> padded_buffer(const Geometry& g) {
+  return std::vector<T>(g.hp() * g.wp(), T(0));
+}
+
+int64_t wide_len(const Geometry& g) { return (g.h_out - 1) * g.wp() + g.w_out; }
+
+// Widens one (H, W) plane into the interior of the zero-padded buffer xp.
 template <typename scalar_t, typename T>
 void load_padded_plane(const scalar_t* x, const Geometry& g, T* xp) {
-  const int64_t wp = g.wp();
-  std::fill(xp, xp + g.padding * wp, T(0));
   for (int64_t y = 0; y < g.h; ++y) {
-    T* row = xp + (y + g.padding) * wp;
-    std::fill(row, row + g.padding, T(0));
+    T* row = xp + (y + g.padding) * g.wp() + g.padding;
     const scalar_t* src = x + y * g.w;
-    for (int64_t i = 0; i < g.w; ++i) row[g.padding + i] = static_cast<T>(src[i]);
-    std::fill(row + g.padding + g.w, row + wp, T(0));
+    for (int64_t i = 0; i < g.w; ++i) row[i] = static_cast<T>(src[i]);
   }
-  std::fill(xp + (g.h + g.padding) * wp, xp + g.hp() * wp, T(0));
+}
+
+// Widens one (H_out, W_out) plane into the wide buffer gw (scratch entries stay zero).
+template <typename scalar_t, typename T>
+void load_wide_plane(const scalar_t* src, const Geometry& g, T* wide) {
+  for (int64_t oy = 0; oy < g.h_out; ++oy)
+    for (int64_t ox = 0; ox < g.w_out; ++ox) wide[oy * g.wp() + ox] = static_cast<T>(src[oy * g.w_out + ox]);
 }
 
 // y = relu6(conv(x, w_folded) + shift), NCHW, one pass.
@@ -252,20 +274,14 @@ void affine_relu6_nchw(const at::Tensor& x, const T* w_folded, const T* shift, c
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   scalar_t* yd = y.mutable_data_ptr<scalar_t>();
   const int64_t plane_in = g.h * g.w, plane_out = g.h_out * g.w_out;
+  const int64_t len = wide_len(g);
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> xp(g.hp() * g.wp()), z(plane_out);
+    std::vector<T> xp = padded_buffer<T>(g), z(len);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c = p % g.c;
       load_padded_plane(xd + p * plane_in, g, xp.data());
-      if constexpr (std::is_same_v<scalar_t, T>) {
-        T* out = yd + p * plane_out;
-        conv_plane(xp.data(), g.wp(), w_folded + c * kTaps, shift[c], g.stride, g.h_out, g.w_out, out);
-        relu6_inplace(out, plane_out);
-      } else {
-        conv_plane(xp.data(), g.wp(), w_folded + c * kTaps, shift[c], g.stride, g.h_out, g.w_out, z.data());
-        scalar_t* out = yd + p * plane_out;
-        for (int64_t i = 0; i < plane_out; ++i) out[i] = static_cast<scalar_t>(dwconv::relu6(z[i]));
-      }
+      conv_wide(xp.data(), g.wp(), w_folded + c * kTaps, shift[c], g.stride, len, z.data());
+      store_relu6_wide(z.data(), g.wp(), g.h_out, g.w_out, yd + p * plane_out);
     }
   });
 }
@@ -455,13 +471,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
       std::vector<double> pm(g.n * g.c), pq(g.n * g.c);
       const scalar_t* xd = x.const_data_ptr<scalar_t>();
       const int64_t plane_out = g.h_out * g.w_out;
+      const int64_t len = wide_len(g);
       at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> xp(g.hp() * g.wp()), z(plane_out);
+        std::vector<T> xp = padded_buffer<T>(g), z(len);
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c = q % g.c;
           load_padded_plane(xd + q * g.h * g.w, g, xp.data());
-          conv_plane(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, g.h_out, g.w_out, z.data());
-          mean_m2(z.data(), plane_out, pm[q], pq[q]);
+          conv_wide(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, len, z.data());
+          mean_m2_wide(z.data(), g.wp(), g.h_out, g.w_out, pm[q], pq[q]);
         }
       });
       for (int64_t c = 0; c < g.c; ++c) {
@@ -548,18 +565,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
         }
     };
     // Pass 1 (training only): sum(ga) and sum(ga * xhat) over the batch.
+    const int64_t len = wide_len(g);
     std::vector<dwconv::BNBackward<T>> coeffs(g.c);
     if (training) {
       at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> xp(g.hp() * g.wp()), z(plane_out), gbuf(plane_out);
+        std::vector<T> xp = padded_buffer<T>(g), gwide = padded_buffer<T>(g), z(len);
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c = q % g.c;
           load_padded_plane(xd + q * plane_in, g, xp.data());
-          conv_plane(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, g.h_out, g.w_out, z.data());
-          const T* gp = load_as(gd + q * plane_out, plane_out, gbuf.data());
-          T s_ga, s_gx, s_gz;
-          bn_relu6_grad_plane<T>(z.data(), gp, plane_out, mu[c], is[c], bw[c], bb[c], {}, nullptr, s_ga, s_gx,
-                                 s_gz);
+          conv_wide(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, len, z.data());
+          load_wide_plane(gd + q * plane_out, g, gwide.data());
+          T s_ga, s_gx;
+          bn_relu6_grad_wide<T>(z.data(), gwide.data(), len, mu[c], is[c], bw[c], bb[c], {}, nullptr, s_ga, s_gx);
           part[q * kSlots + 0] = s_ga;
           part[q * kSlots + 1] = s_gx;
         }
@@ -572,26 +589,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     }
     // Pass 2: gz, then grad_x (transposed conv) and the grad_weight / grad_bias partials.
     at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> xp(g.hp() * g.wp()), gxp(g.hp() * g.wp()), z(plane_out), gbuf(plane_out), gz(plane_out);
+      std::vector<T> xp = padded_buffer<T>(g), gxp = padded_buffer<T>(g), gwide = padded_buffer<T>(g), z(len),
+                     gz(len);
       for (int64_t q = begin; q < end; ++q) {
         const int64_t c = q % g.c;
         load_padded_plane(xd + q * plane_in, g, xp.data());
-        conv_plane(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, g.h_out, g.w_out, z.data());
-        const T* gp = load_as(gd + q * plane_out, plane_out, gbuf.data());
-        T s_ga, s_gx, s_gz;
-        bn_relu6_grad_plane<T>(z.data(), gp, plane_out, mu[c], is[c], bw[c], bb[c], coeffs[c], gz.data(), s_ga,
-                               s_gx, s_gz);
+        conv_wide(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, len, z.data());
+        load_wide_plane(gd + q * plane_out, g, gwide.data());
+        T s_ga, s_gx;
+        bn_relu6_grad_wide<T>(z.data(), gwide.data(), len, mu[c], is[c], bw[c], bb[c], coeffs[c], gz.data(), s_ga,
+                              s_gx);
+        // Scratch entries: no gradient (training's gz has a constant term there).
+        for (int64_t oy = 0; oy + 1 < g.h_out; ++oy)
+          std::fill(gz.begin() + oy * g.wp() + g.w_out, gz.begin() + (oy + 1) * g.wp(), T(0));
         double* slot = part.data() + q * kSlots;
         if (!training) {
           slot[0] = s_ga;
           slot[1] = s_gx;
         }
-        slot[2] = s_gz;
+        slot[2] = sum_of(gz.data(), len);
         T gw[kTaps];
-        grad_weight_plane(xp.data(), g.wp(), gz.data(), g.stride, g.h_out, g.w_out, gw);
+        grad_weight_wide(xp.data(), g.wp(), gz.data(), g.stride, len, gw);
         for (int t = 0; t < kTaps; ++t) slot[3 + t] = gw[t];
         std::fill(gxp.begin(), gxp.end(), T(0));
-        grad_input_plane(gz.data(), w + c * kTaps, g.stride, g.h_out, g.w_out, g.wp(), gxp.data());
+        grad_input_wide(gz.data(), w + c * kTaps, g.stride, len, g.wp(), gxp.data());
         scalar_t* dst = gxd + q * plane_in;
         for (int64_t y = 0; y < g.h; ++y) {
           const T* src = gxp.data() + (y + g.padding) * g.wp() + g.padding;

@@ -1,0 +1,89 @@
+"""CPU benchmarks of the fused depthwise conv + BatchNorm + ReLU6, float32, the network's shapes.
+
+Run: PYTHONPATH=$PWD python -m pytest benchmarks/bench_dwconv_cpu.py -q -s
+
+Each case times, in one run and by one method (median of warm repetitions), the fused op
+and its peers, and reports the ratios (printed and in benchmark.extra_info):
+  inference: fercuda vs eager (conv2d + batch_norm + relu6, eval), vs torch.compile of that
+             eager block, vs x.clone() (a plain copy of the same bytes, output allocated as
+             the op allocates its own); GB/s counts input + output.
+  training:  forward + backward of DWConvBNReLU6 vs nn.Sequential(Conv2d, BatchNorm2d, ReLU6).
+Targets: inference >= 5x eager, >= 2x compile, >= 0.5x the copy's bandwidth; training >= 2x eager.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import fercuda.nn as fnn
+from fercuda.compare_dwconv import block_inputs, eager_block, fused_block, median_ms
+
+N = 64
+# (C, H) of the network's depthwise blocks (stride 1).
+SHAPES = [(128, 48), (128, 24), (256, 24), (364, 12), (512, 6), (728, 6), (1536, 6)]
+REPS = 9
+
+
+def _record(benchmark, info):
+    benchmark.extra_info.update(info)
+    print("\n" + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+
+
+@pytest.mark.parametrize(
+    "channels_last",
+    [False, True],
+    ids=["nchw", "channels_last"],
+)
+@pytest.mark.parametrize("c,h", SHAPES, ids=[f"C{c}_{h}x{h}" for c, h in SHAPES])
+def test_inference(benchmark, c, h, channels_last):
+    if channels_last and (c, h) not in ((128, 48), (256, 24), (728, 6)):
+        pytest.skip("channels_last measured on three representative shapes")
+    args = block_inputs((N, c, h, h), channels_last=channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(eager_block, dynamic=False)
+    with torch.no_grad():
+        compiled(*args)
+        t_fused = median_ms(lambda: fused_block(*args), REPS)
+        t_eager = median_ms(lambda: eager_block(*args), REPS)
+        t_compile = median_ms(lambda: compiled(*args), REPS)
+        t_copy = median_ms(lambda: args[0].clone(), REPS)
+        benchmark.pedantic(lambda: fused_block(*args), rounds=REPS, warmup_rounds=1)
+    gigabytes = 2 * args[0].numel() * args[0].element_size() / 1e9
+    _record(benchmark, {
+        "case": f"N{N} C{c} {h}x{h} {'channels_last' if channels_last else 'nchw'}",
+        "fercuda_ms": t_fused,
+        "eager_ms": t_eager,
+        "compile_ms": t_compile,
+        "copy_ms": t_copy,
+        "x_eager": t_eager / t_fused,
+        "x_compile": t_compile / t_fused,
+        "fercuda_GBps": gigabytes / t_fused * 1e3,
+        "copy_GBps": gigabytes / t_copy * 1e3,
+        "fraction_of_copy_bandwidth": t_copy / t_fused,
+    })
+
+
+@pytest.mark.parametrize("c,h", SHAPES, ids=[f"C{c}_{h}x{h}" for c, h in SHAPES])
+def test_training_forward_backward(benchmark, c, h):
+    fused = fnn.DWConvBNReLU6(c).train()
+    seq = copy.deepcopy(fused).to_sequential().train()
+    x = block_inputs((N, c, h, h))[0].requires_grad_()
+    grad = torch.randn(N, c, h, h)
+
+    def step(module):
+        def run():
+            y = module(x)
+            y.backward(grad)
+        return run
+
+    t_fused = median_ms(step(fused), REPS)
+    t_eager = median_ms(step(seq), REPS)
+    benchmark.pedantic(step(fused), rounds=REPS, warmup_rounds=1)
+    _record(benchmark, {
+        "case": f"N{N} C{c} {h}x{h} train fwd+bwd",
+        "fercuda_ms": t_fused,
+        "eager_ms": t_eager,
+        "x_eager": t_eager / t_fused,
+    })
+
