@@ -119,23 +119,43 @@ FERCUDA_SIMD void relu6_inplace(T* __restrict z, int64_t n) {
   for (int64_t i = 0; i < n; ++i) z[i] = dwconv::relu6(z[i]);
 }
 
-// Mean and sum of squared deviations of one wide plane's outputs (two passes over
-// L1-resident data: no cancellation, unlike sum and sum of squares).
+// Floating-point sums do not vectorize unless reordered; kLanes independent partial sums,
+// combined in a fixed order at the end, let the compiler use full vectors and keep the
+// result deterministic.
+constexpr int64_t kLanes = 16;
+
 template <typename T>
-FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, int64_t wp, int64_t h_out, int64_t w_out, double& mean,
-                               double& m2) {
-  T s = 0;
-  for (int64_t oy = 0; oy < h_out; ++oy)
-    for (int64_t ox = 0; ox < w_out; ++ox) s += z[oy * wp + ox];
-  const T mu = s / static_cast<T>(h_out * w_out);
-  T q = 0;
-  for (int64_t oy = 0; oy < h_out; ++oy)
-    for (int64_t ox = 0; ox < w_out; ++ox) {
-      const T d = z[oy * wp + ox] - mu;
-      q += d * d;
+T combine_lanes(const T* acc, T tail) {
+  for (int64_t j = 0; j < kLanes; ++j) tail += acc[j];
+  return tail;
+}
+
+// Mean and sum of squared deviations of one wide plane's outputs, valid[k] being 1 for
+// outputs and 0 for scratch entries (two passes over L1-resident data: no cancellation,
+// unlike sum and sum of squares).
+template <typename T>
+FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, const T* __restrict valid, int64_t len, int64_t count,
+                               double& mean, double& m2) {
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += z[k + j] * valid[k + j];
+  T tail = 0;
+  for (; k < len; ++k) tail += z[k] * valid[k];
+  const T mu = combine_lanes(acc, tail) / static_cast<T>(count);
+  T acc2[kLanes] = {};
+  for (k = 0; k + kLanes <= len; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T d = (z[k + j] - mu) * valid[k + j];
+      acc2[j] += d * d;
     }
+  tail = 0;
+  for (; k < len; ++k) {
+    const T d = (z[k] - mu) * valid[k];
+    tail += d * d;
+  }
   mean = mu;
-  m2 = q;
+  m2 = combine_lanes(acc2, tail);
 }
 
 // channels_last: one output row z[ox][c] (shift[c] + 3x3 window) from three input rows
@@ -183,24 +203,39 @@ template <typename T>
 FERCUDA_SIMD void bn_relu6_grad_wide(const T* __restrict z, const T* __restrict g, int64_t len, T mean, T invstd,
                                      T bn_w, T bn_b, dwconv::BNBackward<T> k, T* __restrict gz, T& sum_ga,
                                      T& sum_ga_xhat) {
-  T s_ga = 0, s_gx = 0;
-  for (int64_t i = 0; i < len; ++i) {
+  T acc_ga[kLanes] = {}, acc_gx[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T xhat = (z[i + j] - mean) * invstd;
+      const T a = bn_w * xhat + bn_b;
+      const T ga = dwconv::relu6_passes(a) ? g[i + j] : T(0);
+      acc_ga[j] += ga;
+      acc_gx[j] += ga * xhat;
+      if (gz != nullptr) gz[i + j] = dwconv::grad_z(k, ga, xhat);
+    }
+  T t_ga = 0, t_gx = 0;
+  for (; i < len; ++i) {
     const T xhat = (z[i] - mean) * invstd;
     const T a = bn_w * xhat + bn_b;
     const T ga = dwconv::relu6_passes(a) ? g[i] : T(0);
-    s_ga += ga;
-    s_gx += ga * xhat;
+    t_ga += ga;
+    t_gx += ga * xhat;
     if (gz != nullptr) gz[i] = dwconv::grad_z(k, ga, xhat);
   }
-  sum_ga = s_ga;
-  sum_ga_xhat = s_gx;
+  sum_ga = combine_lanes(acc_ga, t_ga);
+  sum_ga_xhat = combine_lanes(acc_gx, t_gx);
 }
 
 template <typename T>
 FERCUDA_SIMD T sum_of(const T* __restrict v, int64_t n) {
-  T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += v[i];
-  return s;
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += v[i + j];
+  T tail = 0;
+  for (; i < n; ++i) tail += v[i];
+  return combine_lanes(acc, tail);
 }
 
 // grad_w[tap] = sum over the wide plane of gz * the input under that tap.
@@ -209,13 +244,19 @@ FERCUDA_SIMD void grad_weight_wide(const T* __restrict xp, int64_t wp, const T* 
                                    int64_t len, T* __restrict gw) {
   for (int t = 0; t < kTaps; ++t) {
     const T* r = xp + (t / 3) * wp + (t % 3);
-    T s = 0;
+    T acc[kLanes] = {};
+    T tail = 0;
+    int64_t k = 0;
     if (stride == 1) {
-      for (int64_t k = 0; k < len; ++k) s += gz[k] * r[k];
+      for (; k + kLanes <= len; k += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) acc[j] += gz[k + j] * r[k + j];
+      for (; k < len; ++k) tail += gz[k] * r[k];
     } else {
-      for (int64_t k = 0; k < len; ++k) s += gz[k] * r[2 * k];
+      for (; k + kLanes <= len; k += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) acc[j] += gz[k + j] * r[2 * (k + j)];
+      for (; k < len; ++k) tail += gz[k] * r[2 * k];
     }
-    gw[t] = s;
+    gw[t] = combine_lanes(acc, tail);
   }
 }
 
@@ -473,12 +514,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
       const int64_t plane_out = g.h_out * g.w_out;
       const int64_t len = wide_len(g);
       at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> xp = padded_buffer<T>(g), z(len);
+        std::vector<T> xp = padded_buffer<T>(g), z(len), valid(len, T(0));
+        for (int64_t oy = 0; oy < g.h_out; ++oy)
+          std::fill(valid.begin() + oy * g.wp(), valid.begin() + oy * g.wp() + g.w_out, T(1));
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c = q % g.c;
           load_padded_plane(xd + q * g.h * g.w, g, xp.data());
           conv_wide(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, len, z.data());
-          mean_m2_wide(z.data(), g.wp(), g.h_out, g.w_out, pm[q], pq[q]);
+          mean_m2_wide(z.data(), valid.data(), len, plane_out, pm[q], pq[q]);
         }
       });
       for (int64_t c = 0; c < g.c; ++c) {
