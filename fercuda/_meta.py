@@ -117,7 +117,7 @@ def _dwconv_bn_relu6_train_fake(x, weight, bias, bn_weight, bn_bias, running_mea
             lambda: f"fercuda.{op}: Expected more than 1 value per channel when training, got input size "
             f"[{n}, {c}, {h_out}, {w_out}]",
         )
-    stats = x.new_empty((c,), dtype=torch.float32)
+    stats = x.new_empty((c,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return (
         _dwconv_empty(x, (n, c, h_out, w_out)),
         stats,

@@ -422,3 +422,21 @@ def test_empty_batch():
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.count_nonzero(w.grad) == 0
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_other_paddings(padding, stride, rng):
+    args = sample_inputs((2, 3, 7, 8), torch.float64, gen=rng, requires_grad=True)
+    for training in (False, True):
+        y = OPS.dwconv_bn_relu6_train(*args, stride, padding, 1e-5, 0.1)[0] if training else \
+            OPS.dwconv_bn_relu6(*args, stride, padding, 1e-5)
+        rm, rv = args[5].clone(), args[6].clone()
+        ref = F.relu6(F.batch_norm(F.conv2d(args[0], args[1], args[2], stride, padding, groups=3), rm, rv, args[3],
+                                   args[4], training, 0.1, 1e-5))
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        grad = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+        got = torch.autograd.grad(y, args[:5], grad)
+        expected = torch.autograd.grad(ref, args[:5], grad)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)

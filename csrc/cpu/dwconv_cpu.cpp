@@ -465,7 +465,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   const at::Tensor x = as_layout(x_in, cl);
   at::Tensor y = empty_output(x, out, cl);
   const int64_t channels = out[1];
-  const auto stats_opts = x.options().dtype(at::kFloat);
+  // float32 statistics, or float64 for float64 x (as native batch_norm saves them).
+  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stats_opts = x.options().dtype(stats_dtype);
   if (y.numel() == 0) {
     // nn.BatchNorm2d leaves the running statistics alone on an empty batch.
     return {y, at::zeros({channels}, stats_opts), at::ones({channels}, stats_opts), running_mean.clone(),
@@ -549,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
                             .to(running_mean.scalar_type());
   at::Tensor new_var = (running_var.to(at::kDouble) * (1.0 - momentum) + batch_var * (unbias * momentum))
                            .to(running_var.scalar_type());
-  return {y, batch_mean.to(at::kFloat), at::rsqrt(batch_var + eps).to(at::kFloat), new_mean, new_var};
+  return {y, batch_mean.to(stats_dtype), at::rsqrt(batch_var + eps).to(stats_dtype), new_mean, new_var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_backward_cpu(
