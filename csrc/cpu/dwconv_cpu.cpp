@@ -103,15 +103,29 @@ FERCUDA_SIMD void conv_wide(const T* __restrict xp, int64_t wp, const T* __restr
   }
 }
 
-// out[oy][ox] = relu6(z[oy * wp + ox]), narrowed to the output dtype.
+// out[oy][ox] = relu6(z[oy * wp + ox]), narrowed to the output dtype. Narrow planes
+// (the network's 6x6 and 12x12) go through an index table, one long (gather) loop, rather
+// than rows too short to vectorize.
 template <typename T, typename scalar_t>
 FERCUDA_SIMD void store_relu6_wide(const T* __restrict z, int64_t wp, int64_t h_out, int64_t w_out,
-                                   scalar_t* __restrict out) {
+                                   const int32_t* __restrict index, scalar_t* __restrict out) {
+  if (index != nullptr) {
+    const int64_t n = h_out * w_out;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(dwconv::relu6(z[index[i]]));
+    return;
+  }
   for (int64_t oy = 0; oy < h_out; ++oy) {
     const T* zr = z + oy * wp;
     scalar_t* o = out + oy * w_out;
     for (int64_t ox = 0; ox < w_out; ++ox) o[ox] = static_cast<scalar_t>(dwconv::relu6(zr[ox]));
   }
+}
+
+// dst[i] = src[index[i]]: the interior of a padded plane, narrowed to the tensor's dtype.
+template <typename T, typename scalar_t>
+FERCUDA_SIMD void gather_plane(const T* __restrict src, const int32_t* __restrict index, int64_t n,
+                               scalar_t* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[index[i]]);
 }
 
 template <typename T>
@@ -292,6 +306,17 @@ std::vector<T> padded_buffer(const Geometry& g) {
 
 int64_t wide_len(const Geometry& g) { return (g.h_out - 1) * g.wp() + g.w_out; }
 
+// Narrow planes are stored through index tables (see store_relu6_wide).
+bool narrow_plane(const Geometry& g) { return g.w_out < 16; }
+
+// index[oy * cols + ox] = (oy + offset) * row_len + ox + offset.
+std::vector<int32_t> plane_index(int64_t rows, int64_t cols, int64_t row_len, int64_t offset) {
+  std::vector<int32_t> index(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) index[r * cols + c] = static_cast<int32_t>((r + offset) * row_len + c + offset);
+  return index;
+}
+
 // Widens one (H, W) plane into the interior of the zero-padded buffer xp.
 template <typename scalar_t, typename T>
 void load_padded_plane(const scalar_t* x, const Geometry& g, T* xp) {
@@ -318,11 +343,14 @@ void affine_relu6_nchw(const at::Tensor& x, const T* w_folded, const T* shift, c
   const int64_t len = wide_len(g);
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xp = padded_buffer<T>(g), z(len);
+    const std::vector<int32_t> index = narrow_plane(g) ? plane_index(g.h_out, g.w_out, g.wp(), 0)
+                                                       : std::vector<int32_t>();
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c = p % g.c;
       load_padded_plane(xd + p * plane_in, g, xp.data());
       conv_wide(xp.data(), g.wp(), w_folded + c * kTaps, shift[c], g.stride, len, z.data());
-      store_relu6_wide(z.data(), g.wp(), g.h_out, g.w_out, yd + p * plane_out);
+      store_relu6_wide(z.data(), g.wp(), g.h_out, g.w_out, index.empty() ? nullptr : index.data(),
+                       yd + p * plane_out);
     }
   });
 }
@@ -636,6 +664,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> xp = padded_buffer<T>(g), gxp = padded_buffer<T>(g), gwide = padded_buffer<T>(g), z(len),
                      gz(len);
+      const std::vector<int32_t> interior = plane_index(g.h, g.w, g.wp(), g.padding);
       for (int64_t q = begin; q < end; ++q) {
         const int64_t c = q % g.c;
         load_padded_plane(xd + q * plane_in, g, xp.data());
@@ -658,11 +687,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
         for (int t = 0; t < kTaps; ++t) slot[3 + t] = gw[t];
         std::fill(gxp.begin(), gxp.end(), T(0));
         grad_input_wide(gz.data(), w + c * kTaps, g.stride, len, g.wp(), gxp.data());
-        scalar_t* dst = gxd + q * plane_in;
-        for (int64_t y = 0; y < g.h; ++y) {
-          const T* src = gxp.data() + (y + g.padding) * g.wp() + g.padding;
-          for (int64_t i = 0; i < g.w; ++i) dst[y * g.w + i] = static_cast<scalar_t>(src[i]);
-        }
+        gather_plane(gxp.data(), interior.data(), plane_in, gxd + q * plane_in);
       }
     });
     reduce_planes(training ? 2 : 0, training ? kSlots - 2 : kSlots);
