@@ -43,15 +43,20 @@ def fused_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     return dwconv_bn_relu6(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride)
 
 
-def median_ms(fn, reps=7, warmup=2):
+def times_ms(fn, reps=7, warmup=2):
+    """Sorted wall times of reps warm calls, in milliseconds."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)
+
+
+def median_ms(fn, reps=7, warmup=2):
+    return statistics.median(times_ms(fn, reps, warmup))
 
 
 def max_error_vs_float64(args, stride=1):
