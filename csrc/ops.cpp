@@ -39,11 +39,11 @@ TORCH_LIBRARY(fercuda, m) {
       "dwconv_bn_relu6(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor running_mean, Tensor running_var, int stride=1, int padding=1, float eps=1e-5) -> Tensor");
   // Training: batch statistics. Returns (out, save_mean, save_invstd, new_running_mean,
-  // new_running_var): save_* float32 (C,) for the backward (float64 where x is); new_running_* the running
-  // statistics updated as nn.BatchNorm2d does (momentum, unbiased variance), in the dtype of
-  // running_mean / running_var. The op is functional (torch.library.register_autograd
-  // refuses ops that mutate their inputs); fercuda.ops.dwconv_bn_relu6 copies the new
-  // statistics into the buffers.
+  // new_running_var): save_* float32 (C,) for the backward (float64 where x is float64);
+  // new_running_* the running statistics updated as nn.BatchNorm2d does (momentum, unbiased
+  // variance), in the dtype of running_mean / running_var. The op is functional
+  // (torch.library.register_autograd refuses ops that mutate their inputs);
+  // fercuda.ops.dwconv_bn_relu6 copies the new statistics into the buffers.
   m.def(
       "dwconv_bn_relu6_train(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor running_mean, Tensor running_var, int stride=1, int padding=1, float eps=1e-5, "

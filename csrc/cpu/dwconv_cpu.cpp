@@ -55,7 +55,7 @@ at::Tensor as_layout(const at::Tensor& t, bool channels_last) {
 template <typename T>
 struct ChannelParams {
   at::Tensor w;  // (C, 9)
-  at::Tensor b, bn_w, bn_b, mean, invstd;  // (C,)
+  at::Tensor b, bn_w, bn_b;  // (C,)
 };
 
 template <typename T>
@@ -301,10 +301,14 @@ struct Geometry {
 // zeroed here once and never written again.
 template <typename T>
 std::vector<T> padded_buffer(const Geometry& g) {
-  return std::vector<T>(g.hp() * g.wp(), T(0));
+  // The slack covers the reads and writes of the entries past the last output (wide_len).
+  return std::vector<T>(g.hp() * g.wp() + 2 * kLanes, T(0));
 }
 
-int64_t wide_len(const Geometry& g) { return (g.h_out - 1) * g.wp() + g.w_out; }
+// Entries up to the last output, then up to a multiple of kLanes so that no loop over a
+// wide plane has a scalar tail (the network's 6x6 planes would spend most time there).
+int64_t wide_outputs_end(const Geometry& g) { return (g.h_out - 1) * g.wp() + g.w_out; }
+int64_t wide_len(const Geometry& g) { return (wide_outputs_end(g) + kLanes - 1) / kLanes * kLanes; }
 
 // Narrow planes are stored through index tables (see store_relu6_wide).
 bool narrow_plane(const Geometry& g) { return g.w_out < 16; }
@@ -423,7 +427,8 @@ ChannelParams<T> channel_params(const at::Tensor& weight, const c10::optional<at
                                 const at::Tensor& bn_weight, const at::Tensor& bn_bias, int64_t channels) {
   ChannelParams<T> p;
   p.w = widen<T>(weight).reshape({channels, kTaps});
-  p.b = bias.has_value() ? widen<T>(*bias) : at::zeros({channels}, weight.options().dtype(c10::CppTypeToScalarType<T>::value));
+  p.b = bias.has_value() ? widen<T>(*bias)
+                         : at::zeros({channels}, weight.options().dtype(c10::CppTypeToScalarType<T>::value));
   p.bn_w = widen<T>(bn_weight);
   p.bn_b = widen<T>(bn_bias);
   return p;
@@ -676,6 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
         // Scratch entries: no gradient (training's gz has a constant term there).
         for (int64_t oy = 0; oy + 1 < g.h_out; ++oy)
           std::fill(gz.begin() + oy * g.wp() + g.w_out, gz.begin() + (oy + 1) * g.wp(), T(0));
+        std::fill(gz.begin() + wide_outputs_end(g), gz.end(), T(0));
         double* slot = part.data() + q * kSlots;
         if (!training) {
           slot[0] = s_ga;
