@@ -17,7 +17,8 @@
 //             them; pass 2 recomputes the same, forms gz, and produces grad_x (transposed
 //             depthwise conv) and the grad_weight / grad_bias reductions.
 //             frozen BatchNorm (training=False): gz is local, 1 pass.
-// channels_last backward runs on NCHW copies of x and grad_out (two extra copies).
+// The channels_last backward runs on NCHW copies of x and grad_out and converts grad_x back
+// (three extra copies): a native channels_last backward is still to be written.
 //
 // Reductions are deterministic: per-plane (per-row) partials land in fixed slots and are
 // combined in a fixed order in double precision.
@@ -33,7 +34,9 @@
 #include "fercuda/checks.h"
 #include "fercuda/dwconv_math.h"
 
-#define FERCUDA_SIMD __attribute__((target_clones("avx2", "default")))
+// x86-64-v3 is AVX2 with FMA (every AVX2 CPU we target has both); the resolver picks the
+// clone from CPU features at load time, so the library still runs on older CPUs.
+#define FERCUDA_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
 
 namespace fercuda {
 namespace {
