@@ -77,3 +77,45 @@ def poisoned_allocations():
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = was_fill
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+
+
+def float64_gradients(inputs, grad_out, *, stride=1, padding=1, eps=1e-5, training):
+    """Gradients of (x, weight, bias, bn_weight, bn_bias) by float64 autograd of the reference, and
+    for each the float64 sum of |terms| its reduction adds up: a float32 sum's error scales with
+    that, not with the (possibly cancelling) result."""
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var = inputs
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs[:5]]
+    x64, w64, b64, bnw64, bnb64 = leaves
+    channels = x.shape[1]
+    z = F.conv2d(x64, w64, b64, stride, padding, 1, channels)
+    z.retain_grad()
+    normed = F.batch_norm(z, running_mean.double().clone(), running_var.double().clone(), bnw64, bnb64, training,
+                          0.1, eps)
+    normed.retain_grad()
+    F.relu6(normed).backward(grad_out.double())
+    grads = [t.grad if t is not None else torch.zeros(channels, dtype=torch.float64, device=x.device)
+             for t in leaves]
+    gz, gy = z.grad.abs(), normed.grad.abs()
+    xhat = (normed.detach() - bnb64.detach()[None, :, None, None]) / bnw64.detach()[None, :, None, None]
+    term_sums = [
+        None,
+        torch.nn.grad.conv2d_weight(x64.detach().abs(), tuple(weight.shape), gz, stride, padding, 1, channels),
+        gz.sum((0, 2, 3)),
+        (gy * xhat.abs()).sum((0, 2, 3)),
+        gy.sum((0, 2, 3)),
+    ]
+    return grads, term_sums
+
+
+def assert_grad_close_fp32(name, actual, expected, term_sum, grad_x_scale, rtol=1e-5):
+    """float32 gradient within rtol of float64: relative to its value plus, for reductions, the
+    sum of |terms| per element; grad_x relative to its largest magnitude."""
+    actual = actual.double().reshape(expected.shape)
+    if term_sum is None:
+        bound = rtol * (expected.abs() + max(1.0, grad_x_scale))
+    else:
+        bound = rtol * (expected.abs() + term_sum.reshape(expected.shape) + 1.0)
+    excess = (actual - expected).abs() - bound
+    worst = int(excess.argmax())
+    assert float(excess.max()) <= 0, (
+        f"{name}: |{actual.flatten()[worst]:.8g} - {expected.flatten()[worst]:.8g}| exceeds {bound.flatten()[worst]:.3g}")
