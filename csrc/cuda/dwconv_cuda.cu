@@ -13,8 +13,11 @@
 //                      gz needs the sums of pass 1 (training), and every grad_x element needs gz
 //                      at up to 9 output positions, each of which would cost a 9-tap recompute:
 //                      storing gz once is cheaper than recomputing it 9 times.
-// Per-channel reductions are deterministic: every block writes its partial result to its own
-// slot, and a one-thread-per-channel kernel merges the slots in a fixed order.
+// The one-pass kernels (inference, training pass 2) give each thread a run of outputs along W of
+// one channel; the reductions give each block one channel (NCHW: reads along W) or 32 channels
+// (channels_last: reads along C). Per-channel reductions are deterministic: every block writes its
+// partial result to its own slot, and a one-thread-per-channel kernel merges the slots in a fixed
+// order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -28,6 +31,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "fercuda/checks.h"
 
@@ -128,32 +132,45 @@ __device__ __forceinline__ float conv3x3_at(const scalar_t* __restrict__ x, cons
   return acc;
 }
 
-__device__ __forceinline__ float relu6f(float v) { return fminf(fmaxf(v, 0.f), 6.f); }
+__host__ __device__ __forceinline__ float relu6f(float v) { return fminf(fmaxf(v, 0.f), 6.f); }
 
 // hardtanh's gradient convention: zero where the clamp is active or at its edges.
 __device__ __forceinline__ bool relu6_passes_grad(float pre) { return pre > 0.f && pre < 6.f; }
 
 // Inference BatchNorm folded into the conv: y = relu6(conv * scale + shift).
-__device__ __forceinline__ void folded_bn(float bn_w, float bn_b, float mean, float var, float conv_bias, float eps,
-                                          float& scale, float& shift) {
+__host__ __device__ __forceinline__ void folded_bn(float bn_w, float bn_b, float mean, float var,
+                                                   float conv_bias, float eps, float& scale, float& shift) {
   scale = bn_w / sqrtf(var + eps);
   shift = bn_b + (conv_bias - mean) * scale;
 }
 
-// Output (or position) index -> (n, c, ho, wo) in the output's memory order.
+// ---------------------------------------------------------------------------------------------
+// Pass kernels.
+
+// Outputs along W per thread in the one-pass kernels: neighbouring outputs share 3x3 windows, so a
+// run of them loads each input once from a register row (10 loads for 8 outputs at stride 1
+// instead of 72) and pays the index arithmetic and the per-channel parameters once.
+template <int kStride>
+struct ApplyRun {
+  static constexpr int outputs = 8 / kStride;
+  static constexpr int span = (outputs - 1) * kStride + 3;  // input columns the run reads
+};
+
+// Runs in memory order: NCHW (n, c, ho, run) with runs fastest, so a warp reads along W;
+// channels_last (n, ho, run, c) with channels fastest, so a warp reads along C.
 template <typename index_t, bool kChannelsLast>
-__device__ __forceinline__ void decompose_output(index_t i, const Geometry& g, index_t& n, index_t& c, int& ho,
-                                                 int& wo) {
+__host__ __device__ __forceinline__ void decompose_run(index_t r, const Geometry& g, index_t runs_per_row, index_t& n,
+                                                       index_t& c, int& ho, int& run) {
   if constexpr (kChannelsLast) {
-    c = i % g.channels;
-    index_t t = i / g.channels;
-    wo = static_cast<int>(t % g.wo);
-    t /= g.wo;
+    c = r % g.channels;
+    index_t t = r / g.channels;
+    run = static_cast<int>(t % runs_per_row);
+    t /= runs_per_row;
     ho = static_cast<int>(t % g.ho);
     n = t / g.ho;
   } else {
-    wo = static_cast<int>(i % g.wo);
-    index_t t = i / g.wo;
+    run = static_cast<int>(r % runs_per_row);
+    index_t t = r / runs_per_row;
     ho = static_cast<int>(t % g.ho);
     t /= g.ho;
     c = t % g.channels;
@@ -161,25 +178,21 @@ __device__ __forceinline__ void decompose_output(index_t i, const Geometry& g, i
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Pass kernels.
-
-// y = relu6(conv(x) * scale + shift), one thread per output element in memory order.
-// kFromRunning: scale/shift folded here from (bn_weight, bn_bias, running_mean, running_var, bias);
-// otherwise p0/p1 already hold scale/shift (training pass 2).
-template <typename scalar_t, typename index_t, bool kChannelsLast, bool kFromRunning>
-__global__ void __launch_bounds__(kThreads)
-    dwconv_bn_relu6_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                 const scalar_t* __restrict__ bias, const float* __restrict__ p0,
-                                 const float* __restrict__ p1, const float* __restrict__ p2,
-                                 const float* __restrict__ p3, float eps, scalar_t* __restrict__ y, Geometry g,
-                                 index_t total) {
-  const int64_t linear = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (linear >= static_cast<int64_t>(total)) return;
-  const index_t i = static_cast<index_t>(linear);
+// One thread's work in the one-pass kernel: y = relu6(conv(x) * scale + shift) for the run
+// `r` of up to ApplyRun::outputs outputs along W. kFromRunning: scale/shift folded here from
+// (bn_weight, bn_bias, running_mean, running_var, bias) in p0..p3; otherwise p0/p1 hold them.
+template <typename scalar_t, typename index_t, bool kChannelsLast, bool kFromRunning, int kStride>
+__host__ __device__ __forceinline__ void dwconv_bn_relu6_apply_run(
+    index_t r, const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+    const float* __restrict__ p0, const float* __restrict__ p1, const float* __restrict__ p2,
+    const float* __restrict__ p3, float eps, scalar_t* __restrict__ y, const Geometry& g, index_t runs_per_row) {
+  constexpr int kOut = ApplyRun<kStride>::outputs;
+  constexpr int kSpan = ApplyRun<kStride>::span;
   index_t n, c;
-  int ho, wo;
-  decompose_output<index_t, kChannelsLast>(i, g, n, c, ho, wo);
+  int ho, run;
+  decompose_run<index_t, kChannelsLast>(r, g, runs_per_row, n, c, ho, run);
+  const int wo0 = run * kOut;
+
   float scale, shift;
   if constexpr (kFromRunning) {
     const float b = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
@@ -188,8 +201,53 @@ __global__ void __launch_bounds__(kThreads)
     scale = p0[c];
     shift = p1[c];
   }
-  const float acc = conv3x3_at(x, weight, g, n, c, ho, wo);
-  y[i] = static_cast<scalar_t>(relu6f(fmaf(acc, scale, shift)));
+  float w[9];
+#pragma unroll
+  for (int t = 0; t < 9; ++t) w[t] = static_cast<float>(weight[static_cast<int64_t>(c) * 9 + t]);
+
+  const scalar_t* plane = x + static_cast<int64_t>(n) * g.x_sn + static_cast<int64_t>(c) * g.x_sc;
+  const int h0 = ho * kStride - g.pad;
+  const int w0 = wo0 * kStride - g.pad;
+  float acc[kOut];
+#pragma unroll
+  for (int j = 0; j < kOut; ++j) acc[j] = 0.f;
+#pragma unroll
+  for (int kh = 0; kh < 3; ++kh) {
+    const int hi = h0 + kh;
+    if (hi < 0 || hi >= g.h) continue;
+    const scalar_t* row = plane + static_cast<int64_t>(hi) * g.x_sh;
+    float v[kSpan];
+#pragma unroll
+    for (int s = 0; s < kSpan; ++s) {
+      const int wi = w0 + s;
+      v[s] = (wi >= 0 && wi < g.w) ? static_cast<float>(row[static_cast<int64_t>(wi) * g.x_sw]) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kOut; ++j) {
+#pragma unroll
+      for (int kw = 0; kw < 3; ++kw) acc[j] = fmaf(w[kh * 3 + kw], v[j * kStride + kw], acc[j]);
+    }
+  }
+  scalar_t* y_row = y + static_cast<int64_t>(n) * g.y_sn + static_cast<int64_t>(c) * g.y_sc +
+                    static_cast<int64_t>(ho) * g.y_sh;
+#pragma unroll
+  for (int j = 0; j < kOut; ++j) {
+    const int wo = wo0 + j;
+    if (wo < g.wo) y_row[static_cast<int64_t>(wo) * g.y_sw] = static_cast<scalar_t>(relu6f(fmaf(acc[j], scale, shift)));
+  }
+}
+
+template <typename scalar_t, typename index_t, bool kChannelsLast, bool kFromRunning, int kStride>
+__global__ void __launch_bounds__(kThreads)
+    dwconv_bn_relu6_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                 const scalar_t* __restrict__ bias, const float* __restrict__ p0,
+                                 const float* __restrict__ p1, const float* __restrict__ p2,
+                                 const float* __restrict__ p3, float eps, scalar_t* __restrict__ y, Geometry g,
+                                 index_t total_runs, index_t runs_per_row) {
+  const int64_t linear = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (linear >= static_cast<int64_t>(total_runs)) return;
+  dwconv_bn_relu6_apply_run<scalar_t, index_t, kChannelsLast, kFromRunning, kStride>(
+      static_cast<index_t>(linear), x, weight, bias, p0, p1, p2, p3, eps, y, g, runs_per_row);
 }
 
 enum ReduceKind : int {
@@ -471,6 +529,12 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
+// The dtypes the validation admits, and no others (double would only cost compile time).
+#define FERCUDA_DISPATCH_DWCONV_TYPES(TYPE, NAME, ...)                                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)               \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)            \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 struct Prepared {
   at::Tensor x;  // NCHW- or channels_last-contiguous
   at::MemoryFormat format;
@@ -573,22 +637,29 @@ template <typename scalar_t>
 void launch_apply(const Prepared& p, const at::Tensor& weight, const scalar_t* bias, bool from_running,
                   const float* p0, const float* p1, const float* p2, const float* p3, double eps, at::Tensor& y,
                   cudaStream_t stream) {
-  const int64_t total = y.numel();
-  const int64_t blocks = ceil_div(total, kThreads);
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fercuda.dwconv_bn_relu6: output too large, ",
-              total, " elements");
-  dispatch_index_and_layout(total, p.channels_last, [&](auto index_tag, auto cl_tag) {
-    using index_t = decltype(index_tag);
-    constexpr bool kCL = decltype(cl_tag)::value;
-    auto run = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          p.x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bias, p0, p1, p2, p3,
-          static_cast<float>(eps), y.mutable_data_ptr<scalar_t>(), p.g, static_cast<index_t>(total));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (from_running) run(dwconv_bn_relu6_apply_kernel<scalar_t, index_t, kCL, true>);
-    else run(dwconv_bn_relu6_apply_kernel<scalar_t, index_t, kCL, false>);
-  });
+  auto launch = [&](auto stride_tag) {
+    constexpr int kStride = decltype(stride_tag)::value;
+    const int64_t runs_per_row = ceil_div(p.g.wo, ApplyRun<kStride>::outputs);
+    const int64_t total_runs = p.n * p.g.channels * p.g.ho * runs_per_row;
+    const int64_t blocks = ceil_div(total_runs, kThreads);
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fercuda.dwconv_bn_relu6: output too large, ",
+                y.numel(), " elements");
+    dispatch_index_and_layout(total_runs, p.channels_last, [&](auto index_tag, auto cl_tag) {
+      using index_t = decltype(index_tag);
+      constexpr bool kCL = decltype(cl_tag)::value;
+      auto run = [&](auto kernel) {
+        kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            p.x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bias, p0, p1, p2, p3,
+            static_cast<float>(eps), y.mutable_data_ptr<scalar_t>(), p.g, static_cast<index_t>(total_runs),
+            static_cast<index_t>(runs_per_row));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (from_running) run(dwconv_bn_relu6_apply_kernel<scalar_t, index_t, kCL, true, kStride>);
+      else run(dwconv_bn_relu6_apply_kernel<scalar_t, index_t, kCL, false, kStride>);
+    });
+  };
+  if (p.g.stride == 1) launch(std::integral_constant<int, 1>{});
+  else launch(std::integral_constant<int, 2>{});
 }
 
 at::Tensor empty_output(const Prepared& p) {
@@ -610,7 +681,7 @@ at::Tensor dwconv_bn_relu6_cuda(const at::Tensor& x, const at::Tensor& weight, c
   const at::Tensor bn_w = as_float(bn_weight), bn_b = as_float(bn_bias);
   const at::Tensor mean = as_float(running_mean), var = as_float(running_var);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_relu6_cuda", [&] {
+  FERCUDA_DISPATCH_DWCONV_TYPES(x.scalar_type(), "dwconv_bn_relu6_cuda", [&] {
     launch_apply<scalar_t>(p, w, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, /*from_running=*/true,
                            bn_w.const_data_ptr<float>(), bn_b.const_data_ptr<float>(), mean.const_data_ptr<float>(),
                            var.const_data_ptr<float>(), eps, y, stream);
@@ -651,7 +722,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cuda(
   const ReducePlan plan = plan_reduce(p);
   at::Tensor slots = at::empty({plan.splits, p.g.channels, ReduceWidth<kForwardStats>::slot}, f32);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_relu6_train_cuda", [&] {
+  FERCUDA_DISPATCH_DWCONV_TYPES(x.scalar_type(), "dwconv_bn_relu6_train_cuda", [&] {
     ReduceArgs<scalar_t> args{};
     args.x = p.x.const_data_ptr<scalar_t>();
     args.weight = w.const_data_ptr<scalar_t>();
@@ -729,7 +800,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   at::Tensor slots_grads = at::empty({plan.splits, channels, ReduceWidth<kBackwardGrads>::slot}, f32);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int channel_blocks = static_cast<int>(ceil_div(channels, kThreads));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_relu6_backward_cuda", [&] {
+  FERCUDA_DISPATCH_DWCONV_TYPES(x.scalar_type(), "dwconv_bn_relu6_backward_cuda", [&] {
     ReduceArgs<scalar_t> args{};
     args.x = p.x.const_data_ptr<scalar_t>();
     args.weight = w.const_data_ptr<scalar_t>();
