@@ -52,12 +52,15 @@ def _dwconv_bn_relu6_apply_kernel(
     y_ptr, x_ptr, w_ptr, b_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, eps, total,
     C, H, W, HO, WO, sxn, sxc, sxh, sxw,
     HAS_BIAS: tl.constexpr, FROM_RUNNING: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, BLOCK: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """y = relu6(conv(x) * scale + shift) over BLOCK outputs in the output's memory order.
     FROM_RUNNING: scale/shift folded here from (bn_weight, bn_bias, running_mean, running_var,
-    bias); otherwise p0/p1 hold them (training pass 2)."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    bias); otherwise p0/p1 hold them (training pass 2). INDEX_64: offsets may pass 2**31."""
+    if INDEX_64:
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < total
     if CHANNELS_LAST:
         c = i % C
@@ -200,9 +203,13 @@ def _dwconv_reduce_kernel(
 def _dwconv_grad_input_kernel(
     gx_ptr, gz_ptr, w_ptr, total, C, H, W, HO, WO, syn, syc, syh, syw,
     CHANNELS_LAST: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, BLOCK: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     """grad_x = transposed depthwise conv of gz, BLOCK input elements in x's memory order."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if INDEX_64:
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < total
     if CHANNELS_LAST:
         c = i % C
@@ -309,6 +316,12 @@ def _reduce_plan(x, channels, positions, channels_last):
     return block_p, block_c, groups, triton.cdiv(positions, chunk), chunk
 
 
+def _needs_int64(*tensors):
+    """Whether element offsets (plus a block of slack) may overflow int32; 32-bit index
+    arithmetic is several times cheaper on a GPU."""
+    return max(t.numel() for t in tensors) >= 2**31 - 4096
+
+
 def _apply(x_c, channels_last, weight, bias, p, from_running, eps, stride, padding, out):
     n, c, h, w = x_c.shape
     ho, wo = out.shape[2], out.shape[3]
@@ -320,7 +333,7 @@ def _apply(x_c, channels_last, weight, bias, p, from_running, eps, stride, paddi
         p[2] if from_running else dummy, p[3] if from_running else dummy, float(eps), total,
         c, h, w, ho, wo, *_strides(x_c),
         HAS_BIAS=bias is not None, FROM_RUNNING=from_running, CHANNELS_LAST=channels_last,
-        STRIDE=stride, PAD=padding, BLOCK=block, num_warps=4,
+        STRIDE=stride, PAD=padding, BLOCK=block, INDEX_64=_needs_int64(x_c, out), num_warps=4,
     )
 
 
@@ -450,7 +463,8 @@ def dwconv_bn_relu6_backward_triton(
     block = 1024 if x.is_cuda else 256
     _dwconv_grad_input_kernel[(triton.cdiv(total, block),)](
         grad_x, gz, weight_c, total, c, h, w, ho, wo, *_strides(gz),
-        CHANNELS_LAST=channels_last, STRIDE=stride, PAD=padding, BLOCK=block, num_warps=4,
+        CHANNELS_LAST=channels_last, STRIDE=stride, PAD=padding, BLOCK=block, INDEX_64=_needs_int64(grad_x, gz),
+        num_warps=4,
     )
     return grad_x, grad_weight, grad_bias, sum_gyx.to(bn_weight.dtype), sum_gy.to(bn_bias.dtype)
 
