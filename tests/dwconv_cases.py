@@ -1,0 +1,121 @@
+"""Inputs, the float64 eager reference and tolerances shared by the dwconv GPU-kernel tests.
+
+The reference is plain PyTorch, F.relu6(F.batch_norm(F.conv2d(..., groups=C))), sharing no
+code with the fused kernels.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def sample_inputs(device, dtype, generator, *, n=2, c=3, h=5, w=7, channels_last=False, bias=True, bn_dtype=None):
+    """(x, weight, bias, bn_weight, bn_bias, running_mean, running_var), fresh random values whose
+    BatchNorm outputs land on both sides of ReLU6's clamps as well as between them."""
+    bn_dtype = bn_dtype or dtype
+
+    def randn(*shape, scale=1.0, offset=0.0, dt=dtype):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale + offset).to(device, dt)
+
+    def rand(*shape, low, high, dt):
+        return (torch.rand(*shape, generator=generator, dtype=torch.float64) * (high - low) + low).to(device, dt)
+
+    x = randn(n, c, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = randn(c, 1, 3, 3, scale=0.5)
+    conv_bias = randn(c, scale=0.5) if bias else None
+    bn_weight = rand(c, low=0.5, high=2.0, dt=bn_dtype)
+    bn_bias = randn(c, scale=2.0, offset=2.0, dt=bn_dtype)
+    running_mean = randn(c, scale=0.3, dt=bn_dtype)
+    running_var = rand(c, low=0.5, high=1.5, dt=bn_dtype)
+    return x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var
+
+
+def reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1, eps=1e-5,
+              training=False, momentum=0.1, dtype=torch.float64):
+    """Eager PyTorch in `dtype`; running_mean / running_var (when already in `dtype`) are updated
+    in place when training."""
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    z = F.conv2d(cast(x), cast(weight), cast(bias), stride, padding, 1, x.shape[1])
+    return F.relu6(F.batch_norm(z, cast(running_mean), cast(running_var), cast(bn_weight), cast(bn_bias), training, momentum,
+                                eps))
+
+
+def assert_close_fp32(actual, expected, *, rtol=1e-5, scale=None):
+    """float32 results within rtol of the float64 reference, relative to the tensor's magnitude
+    (an absolute floor: sums that cancel to ~0 carry the rounding of their terms)."""
+    scale = float(expected.abs().max()) if scale is None else scale
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * max(1.0, scale))
+
+
+def assert_within_twice_eager(actual, expected, eager, what=""):
+    """Low precision: at most twice the error of eager PyTorch computed in the same dtype."""
+    err = (actual.double() - expected).abs().max().item()
+    eager_err = (eager.double() - expected).abs().max().item()
+    # The floor covers tensors that eager happens to round exactly (eager_err == 0).
+    floor = torch.finfo(actual.dtype).eps * max(1.0, expected.abs().max().item())
+    assert err <= 2 * eager_err + floor, f"{what}: max error {err:.3g} > 2 x eager's {eager_err:.3g} (+{floor:.3g})"
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every torch.empty inside fills floats with NaN, so elements a kernel fails to write show."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+
+
+def float64_gradients(inputs, grad_out, *, stride=1, padding=1, eps=1e-5, training):
+    """Gradients of (x, weight, bias, bn_weight, bn_bias) by float64 autograd of the reference, and
+    for each the float64 sum of |terms| its reduction adds up: a float32 sum's error scales with
+    that, not with the (possibly cancelling) result."""
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var = inputs
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs[:5]]
+    x64, w64, b64, bnw64, bnb64 = leaves
+    channels = x.shape[1]
+    z = F.conv2d(x64, w64, b64, stride, padding, 1, channels)
+    z.retain_grad()
+    normed = F.batch_norm(z, running_mean.double().clone(), running_var.double().clone(), bnw64, bnb64, training,
+                          0.1, eps)
+    normed.retain_grad()
+    F.relu6(normed).backward(grad_out.double())
+    grads = [t.grad if t is not None else torch.zeros(channels, dtype=torch.float64, device=x.device)
+             for t in leaves]
+    gz, gy = z.grad.abs(), normed.grad.abs()
+    xhat = (normed.detach() - bnb64.detach()[None, :, None, None]) / bnw64.detach()[None, :, None, None]
+    term_sums = [
+        None,
+        torch.nn.grad.conv2d_weight(x64.detach().abs(), tuple(weight.shape), gz, stride, padding, 1, channels),
+        gz.sum((0, 2, 3)),
+        (gy * xhat.abs()).sum((0, 2, 3)),
+        gy.sum((0, 2, 3)),
+    ]
+    return grads, term_sums
+
+
+def assert_grad_close_fp32(name, actual, expected, term_sum, grad_x_scale, rtol=1e-5):
+    """float32 gradient within rtol of float64: relative to its value plus, for reductions, the
+    sum of |terms| per element; grad_x relative to its largest magnitude."""
+    actual = actual.double().reshape(expected.shape)
+    if term_sum is None:
+        bound = rtol * (expected.abs() + max(1.0, grad_x_scale))
+    else:
+        bound = rtol * (expected.abs() + term_sum.reshape(expected.shape) + 1.0)
+    excess = (actual - expected).abs() - bound
+    worst = int(excess.argmax())
+    assert float(excess.max()) <= 0, (
+        f"{name}: |{actual.flatten()[worst]:.8g} - {expected.flatten()[worst]:.8g}| exceeds {bound.flatten()[worst]:.3g}")
