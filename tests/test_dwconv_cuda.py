@@ -52,10 +52,16 @@ def inference(backend, inputs, stride, padding=1):
 
 
 def train(backend, inputs, stride, running_mean, running_var, padding=1):
-    op = torch.ops.fercuda.dwconv_bn_relu6_train if backend == "cuda" else \
-        torch.ops.fercuda.dwconv_bn_relu6_train_triton
+    """(out, save_mean, save_invstd), with the running statistics updated in place."""
     x, w, b, bn_w, bn_b = inputs[:5]
-    return op(x, w, b, bn_w, bn_b, running_mean, running_var, stride, padding, 1e-5, 0.1)
+    if backend == "triton":
+        return torch.ops.fercuda.dwconv_bn_relu6_train_triton(
+            x, w, b, bn_w, bn_b, running_mean, running_var, stride, padding, 1e-5, 0.1)
+    out, mean, invstd, new_mean, new_var = torch.ops.fercuda.dwconv_bn_relu6_train(
+        x, w, b, bn_w, bn_b, running_mean, running_var, stride, padding, 1e-5, 0.1)
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    return out, mean, invstd
 
 
 def backward(backend, grad_out, inputs, mean, invstd, stride, training, padding=1):

@@ -34,66 +34,10 @@
 #include <type_traits>
 
 #include "fercuda/checks.h"
+#include "fercuda/dwconv_math.h"
 
 namespace fercuda {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Input validation of the dwconv family on CUDA.
-
-bool is_dwconv_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_dwconv_channel_vector(const at::Tensor& t, const char* arg, const at::Tensor& x, const char* op) {
-  const int64_t channels = x.size(1);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, "fercuda.", op, ": argument '", arg,
-              "' must have shape (C,) = (", channels, ",), got shape ", shape_str(t));
-  check_same_device(x, "x", t, arg, op);
-}
-
-// BatchNorm tensors share x's dtype, or are float32 (the usual master copy under mixed precision).
-void check_dwconv_bn_dtype(const at::Tensor& t, const char* arg, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, "fercuda.", op,
-              ": argument '", arg, "' must be a ", c10::toString(x.scalar_type()),
-              " or Float tensor (x is ", c10::toString(x.scalar_type()), "), got ",
-              c10::toString(t.scalar_type()));
-}
-
-void check_dwconv_cuda_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
-                            const at::Tensor& bn_bias, const at::Tensor& stat_a, const char* stat_a_name,
-                            const at::Tensor& stat_b, const char* stat_b_name, int64_t stride, int64_t padding) {
-  TORCH_CHECK(x.dim() == 4, "fercuda.", op, ": argument 'x' must be a 4-D tensor (N, C, H, W), got a ", x.dim(),
-              "-D tensor of shape ", shape_str(x));
-  TORCH_CHECK(is_dwconv_float_dtype(x.scalar_type()), "fercuda.", op,
-              ": argument 'x' must be a Float, Half or BFloat16 tensor, got ", c10::toString(x.scalar_type()));
-  TORCH_CHECK(x.is_cuda(), "fercuda.", op, ": argument 'x' must be a CUDA tensor, got one on ", x.device());
-  const int64_t channels = x.size(1);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == channels && weight.size(1) == 1 && weight.size(2) == 3 &&
-                  weight.size(3) == 3,
-              "fercuda.", op, ": argument 'weight' must have shape (C, 1, 3, 3) = (", channels,
-              ", 1, 3, 3), got shape ", shape_str(weight));
-  check_dtype(weight, x.scalar_type(), op, "weight");
-  check_same_device(x, "x", weight, "weight", op);
-  if (bias.has_value()) {
-    check_dwconv_channel_vector(*bias, "bias", x, op);
-    check_dtype(*bias, x.scalar_type(), op, "bias");
-  }
-  check_dwconv_channel_vector(bn_weight, "bn_weight", x, op);
-  check_dwconv_bn_dtype(bn_weight, "bn_weight", x, op);
-  check_dwconv_channel_vector(bn_bias, "bn_bias", x, op);
-  check_dwconv_bn_dtype(bn_bias, "bn_bias", x, op);
-  check_dwconv_channel_vector(stat_a, stat_a_name, x, op);
-  check_dwconv_bn_dtype(stat_a, stat_a_name, x, op);
-  check_dwconv_channel_vector(stat_b, stat_b_name, x, op);
-  check_dwconv_bn_dtype(stat_b, stat_b_name, x, op);
-  TORCH_CHECK(stride == 1 || stride == 2, "fercuda.", op, ": argument 'stride' must be 1 or 2, got ", stride);
-  TORCH_CHECK(padding >= 0, "fercuda.", op, ": argument 'padding' must be >= 0, got ", padding);
-  TORCH_CHECK(x.size(2) + 2 * padding >= 3 && x.size(3) + 2 * padding >= 3, "fercuda.", op,
-              ": the padded input must be at least 3x3 for a 3x3 kernel, got H, W = ", x.size(2), ", ", x.size(3),
-              " with padding ", padding);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Per-element math.
@@ -130,18 +74,6 @@ __device__ __forceinline__ float conv3x3_at(const scalar_t* __restrict__ x, cons
     }
   }
   return acc;
-}
-
-__host__ __device__ __forceinline__ float relu6f(float v) { return fminf(fmaxf(v, 0.f), 6.f); }
-
-// hardtanh's gradient convention: zero where the clamp is active or at its edges.
-__device__ __forceinline__ bool relu6_passes_grad(float pre) { return pre > 0.f && pre < 6.f; }
-
-// Inference BatchNorm folded into the conv: y = relu6(conv * scale + shift).
-__host__ __device__ __forceinline__ void folded_bn(float bn_w, float bn_b, float mean, float var,
-                                                   float conv_bias, float eps, float& scale, float& shift) {
-  scale = bn_w / sqrtf(var + eps);
-  shift = bn_b + (conv_bias - mean) * scale;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -196,7 +128,9 @@ __host__ __device__ __forceinline__ void dwconv_bn_relu6_apply_run(
   float scale, shift;
   if constexpr (kFromRunning) {
     const float b = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
-    folded_bn(p0[c], p1[c], p2[c], p3[c], b, eps, scale, shift);
+    const dwconv::BNFold<float> fold = dwconv::bn_fold(b, p0[c], p1[c], p2[c], dwconv::invstd_of(p3[c], eps));
+    scale = fold.scale;
+    shift = fold.shift;
   } else {
     scale = p0[c];
     shift = p1[c];
@@ -233,7 +167,7 @@ __host__ __device__ __forceinline__ void dwconv_bn_relu6_apply_run(
 #pragma unroll
   for (int j = 0; j < kOut; ++j) {
     const int wo = wo0 + j;
-    if (wo < g.wo) y_row[static_cast<int64_t>(wo) * g.y_sw] = static_cast<scalar_t>(relu6f(fmaf(acc[j], scale, shift)));
+    if (wo < g.wo) y_row[static_cast<int64_t>(wo) * g.y_sw] = static_cast<scalar_t>(dwconv::relu6(fmaf(acc[j], scale, shift)));
   }
 }
 
@@ -347,7 +281,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t y_off = n * g.y_sn + c * g.y_sc + ho * g.y_sh + wo * g.y_sw;
         const float xhat = (conv + conv_bias - mean) * invstd;
         const float pre = fmaf(xhat, gamma, beta);
-        const float gy = relu6_passes_grad(pre) ? static_cast<float>(a.grad_out[y_off]) : 0.f;
+        const float gy = dwconv::relu6_passes(pre) ? static_cast<float>(a.grad_out[y_off]) : 0.f;
         if constexpr (kKind == kBackwardSums) {
           acc[0] += gy;
           acc[1] = fmaf(gy, xhat, acc[1]);
@@ -670,8 +604,8 @@ at::Tensor dwconv_bn_relu6_cuda(const at::Tensor& x, const at::Tensor& weight, c
                                 const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                 const at::Tensor& running_mean, const at::Tensor& running_var, int64_t stride,
                                 int64_t padding, double eps) {
-  check_dwconv_cuda_args("dwconv_bn_relu6", x, weight, bias, bn_weight, bn_bias, running_mean, "running_mean",
-                         running_var, "running_var", stride, padding);
+  check_dwconv_args("dwconv_bn_relu6", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
+                    padding);
   const c10::cuda::CUDAGuard guard(x.device());
   Prepared p = prepare(x, stride, padding);
   at::Tensor y = empty_output(p);
@@ -689,34 +623,35 @@ at::Tensor dwconv_bn_relu6_cuda(const at::Tensor& x, const at::Tensor& weight, c
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cuda(
+// Functional: the updated running statistics come back as new tensors (autograd formulas can
+// only be registered for ops that leave their inputs alone); fercuda.ops copies them into the buffers.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
-    const at::Tensor& bn_bias, at::Tensor& running_mean, at::Tensor& running_var, int64_t stride, int64_t padding,
-    double eps, double momentum) {
-  check_dwconv_cuda_args("dwconv_bn_relu6_train", x, weight, bias, bn_weight, bn_bias, running_mean, "running_mean",
-                         running_var, "running_var", stride, padding);
+    const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, int64_t stride,
+    int64_t padding, double eps, double momentum) {
+  const char* op = "dwconv_bn_relu6_train";
+  const auto out = check_dwconv_args(op, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding);
   const c10::cuda::CUDAGuard guard(x.device());
   Prepared p = prepare(x, stride, padding);
   const int64_t positions = p.n * static_cast<int64_t>(p.g.ho) * p.g.wo;
-  TORCH_CHECK(p.g.channels == 0 || positions > 1,
-              "fercuda.dwconv_bn_relu6_train: expected more than 1 value per channel when training, got N * H_out * "
-              "W_out = ",
-              positions, " for input of shape ", shape_str(x));
   at::Tensor y = empty_output(p);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor save_mean = at::empty({p.g.channels}, f32);
   at::Tensor save_invstd = at::empty({p.g.channels}, f32);
-  if (y.numel() == 0) return {y, save_mean, save_invstd};
+  if (y.numel() == 0) {
+    save_mean.zero_();
+    save_invstd.zero_();
+    return {y, save_mean, save_invstd, running_mean.clone(), running_var.clone()};
+  }
+  check_dwconv_batch_stats(op, out[0], out[1], out[2], out[3]);
 
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor b_f = bias.has_value() ? as_float(*bias) : at::Tensor();
   const at::Tensor bn_w = as_float(bn_weight), bn_b = as_float(bn_bias);
-  // Work on float32 contiguous copies of the running statistics where they are not already.
-  const bool mean_in_place = running_mean.scalar_type() == at::kFloat && running_mean.is_contiguous();
-  const bool var_in_place = running_var.scalar_type() == at::kFloat && running_var.is_contiguous();
-  at::Tensor rm = mean_in_place ? running_mean : as_float(running_mean);
-  at::Tensor rv = var_in_place ? running_var : as_float(running_var);
+  // The update runs on fresh float32 copies of the running statistics, returned in their dtype.
+  at::Tensor rm = running_mean.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor rv = running_var.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor scale_shift = at::empty({2, p.g.channels}, f32);
 
   const ReducePlan plan = plan_reduce(p);
@@ -743,9 +678,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cuda(
     launch_apply<scalar_t>(p, w, nullptr, /*from_running=*/false, scale_shift.const_data_ptr<float>(),
                            scale_shift.const_data_ptr<float>() + p.g.channels, nullptr, nullptr, eps, y, stream);
   });
-  if (!mean_in_place) running_mean.copy_(rm);
-  if (!var_in_place) running_var.copy_(rv);
-  return {y, save_mean, save_invstd};
+  return {y, save_mean, save_invstd, rm.to(running_mean.scalar_type()), rv.to(running_var.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_backward_cuda(
@@ -753,14 +686,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& invstd,
     int64_t stride, int64_t padding, bool training) {
   const char* op = "dwconv_bn_relu6_backward";
-  check_dwconv_cuda_args(op, x, weight, bias, bn_weight, bn_bias, mean, "mean", invstd, "invstd", stride, padding);
-  const int64_t ho = conv_out_size(x.size(2), stride, padding), wo = conv_out_size(x.size(3), stride, padding);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1) &&
-                  grad_out.size(2) == ho && grad_out.size(3) == wo,
-              "fercuda.", op, ": argument 'grad_out' must have the output's shape (", x.size(0), ", ", x.size(1), ", ",
-              ho, ", ", wo, "), got shape ", shape_str(grad_out));
-  check_dtype(grad_out, x.scalar_type(), op, "grad_out");
-  check_same_device(x, "x", grad_out, "grad_out", op);
+  const auto out = check_dwconv_args(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, "mean",
+                                     "invstd");
+  check_dwconv_grad_out(op, grad_out, x, out);
+  const int64_t ho = out[2], wo = out[3];
   const c10::cuda::CUDAGuard guard(x.device());
   Prepared p = prepare(x, stride, padding);
   const int64_t channels = p.g.channels;
