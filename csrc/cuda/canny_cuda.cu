@@ -507,9 +507,9 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 at::Tensor gaussian_blur_cuda(const at::Tensor& img, int64_t ksize) {
   check_gaussian_ksize(ksize, "gaussian_blur", /*allow_zero=*/false);
+  c10::cuda::CUDAGuard guard(img.device());
   const at::Tensor src = as_image_batch(img, at::kByte, "gaussian_blur", "img");
   check_image_size(src, "gaussian_blur", "img");
-  c10::cuda::CUDAGuard guard(img.device());
   at::Tensor out = at::empty(img.sizes(), img.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t total = src.numel();
   if (total == 0) return out;
@@ -521,9 +521,9 @@ at::Tensor gaussian_blur_cuda(const at::Tensor& img, int64_t ksize) {
 }
 
 std::tuple<at::Tensor, at::Tensor> sobel_cuda(const at::Tensor& img) {
+  c10::cuda::CUDAGuard guard(img.device());
   const at::Tensor src = as_image_batch(img, at::kByte, "sobel", "img");
   check_image_size(src, "sobel", "img");
-  c10::cuda::CUDAGuard guard(img.device());
   const auto opts = img.options().dtype(at::kShort).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dx = at::empty(img.sizes(), opts), dy = at::empty(img.sizes(), opts);
   const int64_t total = src.numel();
@@ -536,9 +536,9 @@ std::tuple<at::Tensor, at::Tensor> sobel_cuda(const at::Tensor& img) {
 }
 
 std::tuple<at::Tensor, at::Tensor> paper_gradient_cuda(const at::Tensor& img) {
+  c10::cuda::CUDAGuard guard(img.device());
   const at::Tensor src = as_image_batch(img, at::kByte, "paper_gradient", "img");
   check_image_size(src, "paper_gradient", "img");
-  c10::cuda::CUDAGuard guard(img.device());
   const auto opts = img.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor p = at::empty(img.sizes(), opts), q = at::empty(img.sizes(), opts);
   const int64_t total = src.numel();
@@ -555,10 +555,10 @@ at::Tensor nms_cuda(const at::Tensor& dx, const at::Tensor& dy, double low, doub
   check_same_shape(dx, "dx", dy, "dy", "nms");
   check_threshold(low, "nms", "low");
   check_threshold(high, "nms", "high");
+  c10::cuda::CUDAGuard guard(dx.device());
   const at::Tensor gx = as_image_batch(dx, at::kShort, "nms", "dx");
   const at::Tensor gy = as_image_batch(dy, at::kShort, "nms", "dy");
   check_image_size(gx, "nms", "dx");
-  c10::cuda::CUDAGuard guard(dx.device());
   at::Tensor out = at::empty(dx.sizes(), dx.options().dtype(at::kByte).memory_format(at::MemoryFormat::Contiguous));
   const int64_t total = gx.numel();
   if (total == 0) return out;
@@ -571,9 +571,9 @@ at::Tensor nms_cuda(const at::Tensor& dx, const at::Tensor& dy, double low, doub
 }
 
 at::Tensor hysteresis_cuda(const at::Tensor& edge_map) {
+  c10::cuda::CUDAGuard guard(edge_map.device());
   const at::Tensor labels = as_image_batch(edge_map, at::kByte, "hysteresis", "edge_map");
   check_image_size(labels, "hysteresis", "edge_map");
-  c10::cuda::CUDAGuard guard(edge_map.device());
   at::Tensor out =
       at::empty(edge_map.sizes(), edge_map.options().memory_format(at::MemoryFormat::Contiguous));
   if (labels.numel() == 0) return out;
@@ -589,9 +589,9 @@ at::Tensor canny_cuda(const at::Tensor& img, double low, double high, int64_t ks
   check_gaussian_ksize(ksize, "canny", /*allow_zero=*/true);
   check_threshold(low, "canny", "low");
   check_threshold(high, "canny", "high");
+  c10::cuda::CUDAGuard guard(img.device());
   const at::Tensor src = as_image_batch(img, at::kByte, "canny", "img");
   check_image_size(src, "canny", "img");
-  c10::cuda::CUDAGuard guard(img.device());
   at::Tensor out = at::empty(img.sizes(), img.options().memory_format(at::MemoryFormat::Contiguous));
   if (src.numel() == 0) return out;
 
