@@ -265,3 +265,25 @@ def test_matches_triton_backend(rng):
     a = ops.canny(img, 30.0, 90.0, 5, False, "sobel")
     b = triton_canny.canny(img, 30, 90)
     assert torch.equal(a, b)
+
+
+@pytest.mark.needs_cuda
+def test_small_cases_for_sanitizers(rng):
+    # Few and small, for compute-sanitizer memcheck / racecheck (gpu_check.sh): both canny
+    # paths (one block per image, tiles + union-find) and every stage kernel.
+    g = _gen(rng)
+    for shape in [(3, 48, 48), (2, 7, 13), (1, 1, 1), (2, 64, 64), (1, 70, 90)]:
+        img = smooth_random(g, shape)
+        for ksize, gradient in [(5, "sobel"), (0, "paper"), (7, "sobel")]:
+            _assert_equal(ops.canny(img.cuda(), 30.0, 90.0, ksize, False, gradient),
+                          canny_batch(img, 30, 90, ksize, False, gradient), f"canny {shape}")
+        _assert_equal(ops.gaussian_blur(img.cuda(), 5), _ref_blur(img, 5), "gaussian_blur")
+        dx, dy = _ref_sobel(img)
+        got_dx, got_dy = ops.sobel(img.cuda())
+        _assert_equal(got_dx, dx, "sobel dx")
+        _assert_equal(got_dy, dy, "sobel dy")
+        ops.paper_gradient(img.cuda())
+        edges = ops.hysteresis(ops.nms(dx.cuda(), dy.cuda(), 30.0, 90.0, True))
+        expected = torch.from_numpy(np.stack([cv2.Canny(x, y, 30.0, 90.0, L2gradient=True)
+                                              for x, y in zip(dx.numpy(), dy.numpy())]).reshape(shape))
+        _assert_equal(edges, expected, "hysteresis(nms)")
