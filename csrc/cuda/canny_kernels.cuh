@@ -270,6 +270,33 @@ __device__ void warp_hysteresis(u64* cand_rows, u64* strong_rows) {
 // One block per tile (kWhole: per image, the tile being the image). kWhole writes the edge
 // map, otherwise the nms() labels of the tile. vec16: images hold a multiple of 16 pixels and
 // both buffers are 16-byte aligned, so whole images move as uint4.
+// Reflect-101 by one reflection, which covers every offset the kernels use unless the image
+// is smaller than the kernel; then the general (modulo) form.
+__device__ __forceinline__ int reflect101_near(int i, int n) {
+  const int j = i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i);
+  return static_cast<unsigned int>(j) < static_cast<unsigned int>(n) ? j : canny::reflect101(i, n);
+}
+
+// Calls f(i, row, col) for the elements tid, tid + kFusedThreads, ... of a rows x cols region
+// in row-major order, tracking (row, col) by additions: a division per element would cost
+// as much as the stencil it indexes.
+template <class F>
+__device__ __forceinline__ void for_each_in_region(int rows, int cols, F&& f) {
+  const int count = rows * cols;
+  if (count <= 0) return;
+  const int step_r = kFusedThreads / cols, step_c = kFusedThreads - step_r * cols;
+  int r = static_cast<int>(threadIdx.x) / cols, c = static_cast<int>(threadIdx.x) - r * cols;
+  for (int i = threadIdx.x; i < count; i += kFusedThreads) {
+    f(i, r, c);
+    r += step_r;
+    c += step_c;
+    if (c >= cols) {
+      c -= cols;
+      ++r;
+    }
+  }
+}
+
 template <int kKsize, bool kPaper, bool kWhole>
 __global__ void __launch_bounds__(kFusedThreads)
     canny_fused_kernel(const uint8_t* __restrict__ src, uint8_t* __restrict__ dst, int64_t n_img, int h, int w,
@@ -303,10 +330,7 @@ __global__ void __launch_bounds__(kFusedThreads)
       uint4* d4 = reinterpret_cast<uint4*>(in);
       for (int i = tid; i < static_cast<int>(hw / 16); i += kFusedThreads) d4[i] = s4[i];
     } else {
-      for (int i = tid; i < ih * iw; i += kFusedThreads) {
-        const int rr = i / iw, cc = i - (i / iw) * iw;
-        in[i] = im[static_cast<int64_t>(ir0 + rr) * w + ic0 + cc];
-      }
+      for_each_in_region(ih, iw, [&](int i, int rr, int cc) { in[i] = im[static_cast<int64_t>(ir0 + rr) * w + ic0 + cc]; });
     }
     if (kWhole) {
       for (int i = tid; i < 2 * kWholeImageMax; i += kFusedThreads) cand_rows[i] = 0;
@@ -317,23 +341,35 @@ __global__ void __launch_bounds__(kFusedThreads)
     const uint8_t* blur = in;
     const int bw = bc1 - bc0;
     if constexpr (kKsize > 0) {
-      for (int i = tid; i < ih * bw; i += kFusedThreads) {
-        const int rr = i / bw, c = bc0 + (i - (i / bw) * bw);
+      for_each_in_region(ih, bw, [&](int i, int rr, int cc) {
+        const int c = bc0 + cc;
         const uint8_t* row = in + rr * iw;
         int acc = 0;
+        if (c >= kh && c + kh < w) {  // no border within reach: plain offsets
+          const uint8_t* taps = row + (c - kh - ic0);
 #pragma unroll
-        for (int b = 0; b < kKsize; ++b) acc += canny::gaussian_tap(kKsize, b) * row[canny::reflect101(c + b - kh, w) - ic0];
+          for (int b = 0; b < kKsize; ++b) acc += canny::gaussian_tap(kKsize, b) * taps[b];
+        } else {
+#pragma unroll
+          for (int b = 0; b < kKsize; ++b) acc += canny::gaussian_tap(kKsize, b) * row[reflect101_near(c + b - kh, w) - ic0];
+        }
         tmp[i] = static_cast<uint16_t>(acc);
-      }
+      });
       __syncthreads();
       uint8_t* blurred = in;
-      for (int i = tid; i < (br1 - br0) * bw; i += kFusedThreads) {
-        const int r = br0 + i / bw, cc = i - (i / bw) * bw;
+      for_each_in_region(br1 - br0, bw, [&](int i, int rr, int cc) {
+        const int r = br0 + rr;
         int acc = 0;
+        if (r >= kh && r + kh < h) {
+          const uint16_t* taps = tmp + (r - kh - ir0) * bw + cc;
 #pragma unroll
-        for (int a = 0; a < kKsize; ++a) acc += canny::gaussian_tap(kKsize, a) * tmp[(canny::reflect101(r + a - kh, h) - ir0) * bw + cc];
+          for (int a = 0; a < kKsize; ++a) acc += canny::gaussian_tap(kKsize, a) * taps[a * bw];
+        } else {
+#pragma unroll
+          for (int a = 0; a < kKsize; ++a) acc += canny::gaussian_tap(kKsize, a) * tmp[(reflect101_near(r + a - kh, h) - ir0) * bw + cc];
+        }
         blurred[i] = canny::gaussian_round(acc, kKsize);
-      }
+      });
       __syncthreads();
     }
 
@@ -356,20 +392,19 @@ __global__ void __launch_bounds__(kFusedThreads)
     };
 
     const int mw = mc1 - mc0;
-    for (int i = tid; i < (mr1 - mr0) * mw; i += kFusedThreads) {
-      const int r = mr0 + i / mw, c = mc0 + (i - (i / mw) * mw);
+    for_each_in_region(mr1 - mr0, mw, [&](int i, int rr, int cc) {
       int gx, gy;
-      gradient(r, c, &gx, &gy);
+      gradient(mr0 + rr, mc0 + cc, &gx, &gy);
       mag[i] = canny::magnitude(gx, gy, l2);
-    }
+    });
     __syncthreads();
 
     auto mag_at = [&](int r, int c) -> int {
       return (r < 0 || r >= h || c < 0 || c >= w) ? 0 : mag[(r - mr0) * mw + (c - mc0)];
     };
     const int tile_w = c1 - c0;
-    for (int i = tid; i < (r1 - r0) * tile_w; i += kFusedThreads) {
-      const int r = r0 + i / tile_w, c = c0 + (i - (i / tile_w) * tile_w);
+    for_each_in_region(r1 - r0, tile_w, [&](int, int rr, int cc) {
+      const int r = r0 + rr, c = c0 + cc;
       const int m = mag_at(r, c);
       uint8_t label = canny::kNotEdge;
       if (m > low) {
@@ -387,7 +422,7 @@ __global__ void __launch_bounds__(kFusedThreads)
       } else {
         dst[n * hw + static_cast<int64_t>(r) * w + c] = label;
       }
-    }
+    });
 
     if constexpr (kWhole) {
       __syncthreads();
@@ -409,10 +444,7 @@ __global__ void __launch_bounds__(kFusedThreads)
           reinterpret_cast<uint4*>(out)[i] = make_uint4(word[0], word[1], word[2], word[3]);
         }
       } else {
-        for (int i = tid; i < static_cast<int>(hw); i += kFusedThreads) {
-          const int r = i / w, c = i - (i / w) * w;
-          out[i] = ((strong_rows[r] >> c) & 1) ? 255 : 0;
-        }
+        for_each_in_region(h, w, [&](int i, int r, int c) { out[i] = ((strong_rows[r] >> c) & 1) ? 255 : 0; });
       }
     }
     __syncthreads();  // the next image reuses shared memory
