@@ -233,9 +233,13 @@ def _canny_image_kernel(img_ptr, out_ptr, blur_ptr, mag_ptr, state_ptr, H, W, lo
 
 @triton.jit
 def _tile_coords(H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    # One flat grid over (image, tile): grid dimensions y and z stop at 65535.
     tiles_w = tl.cdiv(W, TILE_W)
-    t = tl.program_id(0)
-    base = tl.program_id(1).to(tl.int64) * H * W
+    tiles = tl.cdiv(H, TILE_H) * tiles_w
+    pid = tl.program_id(0).to(tl.int64)
+    image = pid // tiles
+    t = (pid - image * tiles).to(tl.int32)
+    base = image * H * W
     r = (t // tiles_w) * TILE_H + tl.arange(0, TILE_H)[:, None]
     c = (t % tiles_w) * TILE_W + tl.arange(0, TILE_W)[None, :]
     return base, r, c, (r < H) & (c < W)
@@ -351,7 +355,7 @@ def _canny_batch(batch, out, low, high, ksize, l2_gradient, paper, tile=None):
         )
         return
     t = tile or _TILE
-    grid = (triton.cdiv(h, t) * triton.cdiv(w, t), n)
+    grid = (n * triton.cdiv(h, t) * triton.cdiv(w, t),)
     _blur_tile_kernel[grid](batch, blur, h, w, KSIZE=ksize, TILE_H=t, TILE_W=t)
     _magnitude_tile_kernel[grid](blur, mag, h, w, PAPER=paper, L2=l2_gradient, TILE_H=t, TILE_W=t)
     _nms_tile_kernel[grid](blur, mag, state, h, w, low, high, PAPER=paper, L2=l2_gradient, TILE_H=t, TILE_W=t)
