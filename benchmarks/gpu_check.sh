@@ -98,8 +98,8 @@ stage tests 150 "$PY" -m pytest tests -q -rfE -p no:cacheprovider --junitxml="$R
 
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 SUBSET=(tests/test_canny_cuda.py -q -p no:cacheprovider -k test_small_cases_for_sanitizers)
-stage memcheck 60 "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest "${SUBSET[@]}"
-stage racecheck 60 "$SANITIZER" --tool racecheck --error-exitcode 99 "$PY" -m pytest "${SUBSET[@]}"
+stage memcheck 75 "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -m pytest "${SUBSET[@]}"
+stage racecheck 75 "$SANITIZER" --tool racecheck --error-exitcode 99 "$PY" -m pytest "${SUBSET[@]}"
 
 for bench in benchmarks/bench_*_gpu.py; do
   [ -e "$bench" ] || continue

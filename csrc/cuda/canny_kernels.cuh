@@ -111,6 +111,7 @@ __global__ void nms_kernel(const int16_t* __restrict__ dx, const int16_t* __rest
 // pixels that are no candidate. Parents only ever decrease (atomicMin), so the forest
 // stays acyclic whatever the interleaving. Four launches, independent of the image.
 
+// Labels other than weak (1) and strong (2) count as no edge, as in nms() maps.
 __device__ __forceinline__ bool is_candidate(uint8_t label) {
   return label == canny::kWeak || label == canny::kStrong;
 }
@@ -432,16 +433,24 @@ __global__ void __launch_bounds__(kFusedThreads)
       if (vec16) {
         for (int i = tid; i < static_cast<int>(hw / 16); i += kFusedThreads) {
           int r = (i * 16) / w, c = i * 16 - r * w;
-          unsigned int word[4] = {0, 0, 0, 0};
+          // Four words in named registers (an indexed local array would live on the stack).
+          auto next_word = [&]() {
+            unsigned int word = 0;
 #pragma unroll
-          for (int k = 0; k < 16; ++k) {
-            if ((strong_rows[r] >> c) & 1) word[k >> 2] |= 0xffu << (8 * (k & 3));
-            if (++c == w) {
-              c = 0;
-              ++r;
+            for (int k = 0; k < 4; ++k) {
+              if ((strong_rows[r] >> c) & 1) word |= 0xffu << (8 * k);
+              if (++c == w) {
+                c = 0;
+                ++r;
+              }
             }
-          }
-          reinterpret_cast<uint4*>(out)[i] = make_uint4(word[0], word[1], word[2], word[3]);
+            return word;
+          };
+          const unsigned int x = next_word();
+          const unsigned int y = next_word();
+          const unsigned int z = next_word();
+          const unsigned int v = next_word();
+          reinterpret_cast<uint4*>(out)[i] = make_uint4(x, y, z, v);
         }
       } else {
         for_each_in_region(h, w, [&](int i, int r, int c) { out[i] = ((strong_rows[r] >> c) & 1) ? 255 : 0; });

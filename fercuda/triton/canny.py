@@ -11,6 +11,7 @@ Under TRITON_INTERPRET=1 the kernels also run on CPU tensors.
 """
 
 import math
+import numbers
 import os
 
 import torch
@@ -314,7 +315,7 @@ def check_canny_args(img, low, high, ksize, l2_gradient, gradient, op="canny"):
     if ksize not in (0, 3, 5, 7) or isinstance(ksize, bool):
         raise RuntimeError(f"{prefix} 'ksize' must be 0 (no blur), 3, 5 or 7, got {ksize}")
     for name, value in (("low", low), ("high", high)):
-        if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        if not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
             raise RuntimeError(f"{prefix} '{name}' must be a number >= 0, got {value}")
     if not isinstance(l2_gradient, bool):
         raise TypeError(f"{prefix} 'l2_gradient' must be a bool, got {type(l2_gradient).__name__}")
