@@ -96,6 +96,22 @@ def test_nms_hysteresis_equal_cv2_canny_from_gradients(rng, shape, low, high, l2
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("shape", [(1, 1), (5, 9), (37, 70), (1080, 1920)])
+@pytest.mark.parametrize("l2", [False, True])
+def test_nms_full_range_int16(rng, shape, l2):
+    # Hand-made gradients reach -32768, where cv2's |v| depends on the column.
+    g = _gen(rng)
+    dx = torch.randint(-32768, 32768, (2, *shape), dtype=torch.int16, generator=g)
+    dy = torch.randint(-32768, 32768, (2, *shape), dtype=torch.int16, generator=g)
+    for t in (dx, dy):
+        t.view(-1)[torch.randint(0, t.numel(), (max(1, t.numel() // 10),), generator=g)] = -32768
+    edges = ops.hysteresis(ops.nms(dx.cuda(), dy.cuda(), 20000.0, 40000.0, l2))
+    expected = torch.from_numpy(np.stack([cv2.Canny(x, y, 20000.0, 40000.0, L2gradient=l2)
+                                          for x, y in zip(dx.numpy(), dy.numpy())]))
+    _assert_equal(edges, expected, "hysteresis(nms(full-range dx, dy))")
+
+
+@pytest.mark.needs_cuda
 @pytest.mark.parametrize("shape", [(1, 1), (9, 70), (64, 64), (513, 257), (2048, 2048)])
 def test_hysteresis_random_labels(rng, shape):
     # Random label maps have long winding weak chains, the hard case of union-find.
@@ -131,7 +147,8 @@ def test_canny_options(rng, shape, ksize, l2, gradient):
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("shape", [(48, 48), (640, 480)])
 @pytest.mark.parametrize("low, high, l2", [(60, 20, False), (30, 30, False), (0, 0, False), (20, math.inf, True),
-                                           (20, 1e6, False), (30.7, 80.2, True)])
+                                           (20, 1e6, False), (20, math.inf, False), (math.inf, math.inf, False),
+                                           (30.7, 80.2, True)])
 def test_canny_thresholds(rng, shape, low, high, l2):
     img = smooth_random(_gen(rng), (2, *shape))
     _assert_equal(ops.canny(img.cuda(), low, high, 5, l2, "sobel"), canny_batch(img, low, high, 5, l2), "canny")

@@ -119,3 +119,28 @@ def test_hysteresis_random_labels(rng, emu):
     out = np.full(a.shape, 77, np.uint8)
     emu.emu_hysteresis(_p(a), _p(out), ctypes.c_int64(2), 40, 50)
     _assert_equal(torch.from_numpy(out), hysteresis_reference(labels), "hysteresis")
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_nms_full_range_int16(rng, emu, l2):
+    # Hand-made gradients reach -32768, where cv2's |v| depends on the column.
+    n, h, w = 2, 9, 37
+    dx = torch.randint(-32768, 32768, (n, h, w), dtype=torch.int16, generator=rng)
+    dy = torch.randint(-32768, 32768, (n, h, w), dtype=torch.int16, generator=rng)
+    for t in (dx, dy):
+        t.view(-1)[torch.randint(0, t.numel(), (t.numel() // 10,), generator=rng)] = -32768
+    gx, gy = dx.numpy().copy(), dy.numpy().copy()
+    labels = np.full(gx.shape, 77, np.uint8)
+    emu.emu_nms(_p(gx), _p(gy), _p(labels), ctypes.c_int64(n), h, w, ctypes.c_double(20000.0),
+                ctypes.c_double(40000.0), int(l2))
+    edges = np.full(gx.shape, 77, np.uint8)
+    emu.emu_hysteresis(_p(labels), _p(edges), ctypes.c_int64(n), h, w)
+    expected = np.stack([cv2.Canny(x, y, 20000.0, 40000.0, L2gradient=l2) for x, y in zip(gx, gy)])
+    assert np.array_equal(edges, expected)
+
+
+@pytest.mark.parametrize("low, high", [(20, float("inf")), (float("inf"), float("inf")), (20, 1e6)])
+def test_huge_thresholds(rng, emu, low, high):
+    img = smooth_random(rng, (2, 20, 24))
+    _assert_equal(_canny(emu, img, low, high), canny_batch(img, low, high), f"canny {low} {high}")
+    _assert_equal(_canny(emu, img, low, high, tile=8), canny_batch(img, low, high), f"tiled canny {low} {high}")

@@ -64,6 +64,8 @@ def test_fer2013(fer2013_dir):
         (0, 0, False),
         (20, math.inf, True),  # L2 clamps to 32767 first: no strong pixel, no edge
         (20, 1e6, False),  # beyond every magnitude: no edge
+        (20, math.inf, False),  # cv2 floors values >= 2^31 to INT_MIN: every candidate strong
+        (math.inf, math.inf, False),
         (30.7, 80.2, True),  # L2 squares before flooring
         (30.7, 80.2, False),
     ],

@@ -77,11 +77,13 @@ __global__ void paper_gradient_kernel(const uint8_t* __restrict__ src, float* __
   }
 }
 
+// cv2's magnitude of a given gradient at (r, c), 0 outside the image. Given int16 gradients
+// may hold -32768, whose |v| cv2 takes in 16 bits in some columns (canny::magnitude_at).
 __device__ __forceinline__ int magnitude_at(const int16_t* dx, const int16_t* dy, int r, int c, int h, int w,
                                             bool l2) {
   if (r < 0 || r >= h || c < 0 || c >= w) return 0;
   const int64_t k = static_cast<int64_t>(r) * w + c;
-  return canny::magnitude(dx[k], dy[k], l2);
+  return canny::magnitude_at(dx[k], dy[k], l2, c, w);
 }
 
 __global__ void nms_kernel(const int16_t* __restrict__ dx, const int16_t* __restrict__ dy,
@@ -93,7 +95,7 @@ __global__ void nms_kernel(const int16_t* __restrict__ dx, const int16_t* __rest
     const int r = p / w, c = p - (p / w) * w;
     const int16_t* gx = dx + n * hw;
     const int16_t* gy = dy + n * hw;
-    const int m = canny::magnitude(gx[p], gy[p], l2);
+    const int m = canny::magnitude_at(gx[p], gy[p], l2, c, w);
     uint8_t label = canny::kNotEdge;
     if (m > low) {
       const int sector = canny::gradient_sector(gx[p], gy[p]);

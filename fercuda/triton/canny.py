@@ -328,17 +328,20 @@ def check_canny_args(img, low, high, ksize, l2_gradient, gradient, op="canny"):
         )
 
 
+def _cv_floor(v):
+    # cvFloor on x86 (cvtsd2si) gives INT_MIN for values >= 2^31, +inf included.
+    return -(1 << 31) if v >= 2.0**31 else int(math.floor(v))
+
+
 def canny_thresholds(low, high, l2_gradient):
-    """cv2.Canny's conventions, as canny_thresholds() in canny_math.h."""
+    """cv2.Canny's conventions, as canny_thresholds() in canny_math.h: swap if low > high;
+    for L2 clamp to 32767 and square as a float; then floor as cvFloor does."""
     if low > high:
         low, high = high, low
     if l2_gradient:
         low = min(low, 32767.0) ** 2
         high = min(high, 32767.0) ** 2
-    else:
-        low = min(low, float(1 << 20))
-        high = min(high, float(1 << 20))
-    return int(math.floor(low)), int(math.floor(high))
+    return _cv_floor(low), _cv_floor(high)
 
 
 def _canny_batch(batch, out, low, high, ksize, l2_gradient, paper, tile=None):
