@@ -88,6 +88,21 @@ FERCUDA_HD int magnitude(int dx, int dy, bool l2) {
   return (dx < 0 ? -dx : dx) + (dy < 0 ? -dy : dy);
 }
 
+// cv2's L1 magnitude differs from |dx| + |dy| in one case. It treats a row 8 columns at a
+// time (128-bit vectors of int16) and takes |v| in 16 bits there, which leaves -32768 as
+// -32768; the columns past the last full group of 8 use a 32-bit |v| (32768). The result
+// therefore depends on the column. Only hand-made gradients reach -32768: a Sobel of
+// uint8 stays within +-1020.
+constexpr int kCvMagnitudeLanes = 8;
+
+FERCUDA_HD int abs_int16_wrapped(int v) { return v == -32768 ? -32768 : (v < 0 ? -v : v); }
+
+// Canny's magnitude at column `col` of a row `width` wide, as cv2 computes it.
+FERCUDA_HD int magnitude_at(int dx, int dy, bool l2, int col, int width) {
+  if (!l2 && col < width / kCvMagnitudeLanes * kCvMagnitudeLanes) return abs_int16_wrapped(dx) + abs_int16_wrapped(dy);
+  return magnitude(dx, dy, l2);
+}
+
 enum Sector : int { kHorizontal = 0, kVertical = 1, kDiagonal = 2 };
 
 // The gradient's direction sector by cv2's fixed-point tangent test:
@@ -101,9 +116,9 @@ FERCUDA_HD int gradient_sector(int dx, int dy) {
   const int x = dx < 0 ? -dx : dx;
   const int y = (dy < 0 ? -dy : dy) << kCannyShift;
   const int tg22x = x * kTg22;
-  if (y < tg22x) return kHorizontal;
   const int tg67x = static_cast<int>(static_cast<uint32_t>(tg22x) + (static_cast<uint32_t>(x) << (kCannyShift + 1)));
-  return y > tg67x ? kVertical : kDiagonal;
+  // Both tests evaluated, no early return, so the function vectorizes inside a row loop.
+  return y < tg22x ? kHorizontal : (y > tg67x ? kVertical : kDiagonal);
 }
 
 // For the diagonal sector: +1 when dx and dy share a sign (the maximum runs from the
@@ -137,9 +152,17 @@ struct Thresholds {
   int high;
 };
 
+// cv2 floors a threshold with cvFloor, which on x86 (SSE2 cvtsd2si) gives INT_MIN for any
+// value >= 2^31, +inf included: such a `high` makes every candidate strong, such a `low`
+// makes every local maximum a candidate. Only L1 thresholds can get there (L2 ones are
+// clamped first); this reproduces cv2 on x86, where it was measured.
+FERCUDA_HD int cv_floor_threshold(double v) {
+  return v >= 2147483648.0 ? INT32_MIN : static_cast<int>(std::floor(v));
+}
+
 // cv2.Canny's threshold conventions: swap if low > high; for L2 clamp each to 32767 and
-// square it as a double; then floor. Callers reject NaN and negative values first.
-// Values beyond every reachable magnitude are capped so the floor stays in int range.
+// square it as a double; then floor (cv_floor_threshold). Callers reject NaN and negative
+// values first.
 inline Thresholds canny_thresholds(double low, double high, bool l2) {
   if (low > high) {
     const double t = low;
@@ -151,12 +174,8 @@ inline Thresholds canny_thresholds(double low, double high, bool l2) {
     high = high < 32767.0 ? high : 32767.0;
     low *= low;
     high *= high;
-  } else {
-    const double cap = 1 << 20;  // |dx| + |dy| <= 65536
-    low = low < cap ? low : cap;
-    high = high < cap ? high : cap;
   }
-  return {static_cast<int>(std::floor(low)), static_cast<int>(std::floor(high))};
+  return {cv_floor_threshold(low), cv_floor_threshold(high)};
 }
 
 }  // namespace canny

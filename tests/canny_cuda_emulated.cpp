@@ -1,0 +1,102 @@
+// The device code of csrc/cuda/canny_kernels.cuh compiled for the CPU (tests/cuda_emulation.h),
+// with C entry points that launch it as canny_cuda.cu does. Loaded by
+// tests/test_canny_cuda_emulated.py through ctypes.
+#include "cuda_emulation.h"
+
+namespace fercuda {
+namespace canny_kernels {
+// The fused kernel's dynamic shared memory (blocks run one at a time).
+__attribute__((aligned(16))) unsigned char smem[1 << 16];
+}  // namespace canny_kernels
+}  // namespace fercuda
+
+#include "canny_kernels.cuh"
+
+using namespace fercuda;
+using namespace fercuda::canny_kernels;
+
+namespace {
+
+constexpr unsigned int kStageThreads = 64;  // enough to interleave the union-find threads
+
+void hysteresis(const uint8_t* labels, uint8_t* out, int64_t n, int h, int w) {
+  const int64_t total = n * h * w, hw = static_cast<int64_t>(h) * w;
+  std::vector<int> parent(total);
+  std::vector<uint8_t> root_strong(total, 0);
+  int* par = parent.data();
+  emu::launch(3, kStageThreads, [&] { uf_init_kernel(labels, par, total, hw); });
+  emu::launch(3, kStageThreads, [&] { uf_merge_kernel(par, total, h, w); });
+  emu::launch(3, kStageThreads, [&] { uf_flatten_kernel(labels, par, root_strong.data(), total, hw); });
+  emu::launch(3, kStageThreads, [&] { uf_output_kernel(par, root_strong.data(), out, total, hw); });
+}
+
+template <int K, bool P, bool W>
+void fused(const uint8_t* src, uint8_t* dst, int64_t n, int h, int w, int th, int tw, canny::Thresholds t, bool l2,
+           bool vec16, unsigned int grid) {
+  const int tiles_x = (w + tw - 1) / tw, tiles_y = (h + th - 1) / th;
+  const int64_t tiles = static_cast<int64_t>(tiles_x) * tiles_y;
+  emu::launch(grid, kFusedThreads, [&] {
+    canny_fused_kernel<K, P, W>(src, dst, n, h, w, th, tw, tiles_x, tiles, t.low, t.high, l2, vec16);
+  });
+}
+
+template <bool W>
+void fused_for(int ksize, bool paper, const uint8_t* src, uint8_t* dst, int64_t n, int h, int w, int th, int tw,
+               canny::Thresholds t, bool l2, bool vec16, unsigned int grid) {
+#define CASE(K)                                                                  \
+  case K:                                                                        \
+    if (paper)                                                                   \
+      fused<K, true, W>(src, dst, n, h, w, th, tw, t, l2, vec16, grid);          \
+    else                                                                         \
+      fused<K, false, W>(src, dst, n, h, w, th, tw, t, l2, vec16, grid);         \
+    break;
+  switch (ksize) {
+    CASE(0)
+    CASE(3)
+    CASE(5)
+    CASE(7)
+  }
+#undef CASE
+}
+
+}  // namespace
+
+extern "C" {
+
+// canny_cuda's two paths. tile > 0 forces the tiled path with tile x tile blocks; grid is the
+// number of emulated blocks (fewer than the tiles exercises the kernel's block loop).
+void emu_canny(const uint8_t* img, uint8_t* out, int64_t n, int h, int w, double low, double high, int ksize,
+               int l2, int paper, int tile, unsigned int grid) {
+  const canny::Thresholds t = canny::canny_thresholds(paper ? 2 * low : low, paper ? 2 * high : high, l2 != 0);
+  if (tile == 0 && h <= kWholeImageMax && w <= kWholeImageMax) {
+    const bool vec16 = (static_cast<int64_t>(h) * w) % 16 == 0 && (reinterpret_cast<uintptr_t>(img) & 15) == 0 &&
+                       (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+    fused_for<true>(ksize, paper != 0, img, out, n, h, w, h, w, t, l2 != 0, vec16, grid);
+  } else {
+    std::vector<uint8_t> labels(n * h * w, 77);
+    fused_for<false>(ksize, paper != 0, img, labels.data(), n, h, w, tile, tile, t, l2 != 0, false, grid);
+    hysteresis(labels.data(), out, n, h, w);
+  }
+}
+
+void emu_gaussian_blur(const uint8_t* img, uint8_t* out, int64_t n, int h, int w, int ksize) {
+  emu::launch(2, kStageThreads, [&] { gaussian_blur_kernel(img, out, n * h * w, h, w, ksize); });
+}
+
+void emu_sobel(const uint8_t* img, int16_t* dx, int16_t* dy, int64_t n, int h, int w) {
+  emu::launch(2, kStageThreads, [&] { sobel_kernel(img, dx, dy, n * h * w, h, w); });
+}
+
+void emu_paper_gradient(const uint8_t* img, float* p, float* q, int64_t n, int h, int w) {
+  emu::launch(2, kStageThreads, [&] { paper_gradient_kernel(img, p, q, n * h * w, h, w); });
+}
+
+void emu_nms(const int16_t* dx, const int16_t* dy, uint8_t* labels, int64_t n, int h, int w, double low,
+             double high, int l2) {
+  const canny::Thresholds t = canny::canny_thresholds(low, high, l2 != 0);
+  emu::launch(2, kStageThreads, [&] { nms_kernel(dx, dy, labels, n * h * w, h, w, t.low, t.high, l2 != 0); });
+}
+
+void emu_hysteresis(const uint8_t* labels, uint8_t* out, int64_t n, int h, int w) { hysteresis(labels, out, n, h, w); }
+
+}  // extern "C"
