@@ -132,7 +132,7 @@ class FERNet(nn.Module):
     (the paper's softmax lives in the loss).
 
     width_mult scales every hidden channel count (the paper's alpha), rounded to a multiple of 8
-    as MobileNetV2 does. fused=True builds each depthwise conv + BN + ReLU6 as
+    as MobileNetV2 does; at width_mult = 1 the counts are Table 2's, unrounded. fused=True builds each depthwise conv + BN + ReLU6 as
     fercuda.nn.DWConvBNReLU6; fused=False from plain PyTorch layers, with identical state_dict
     keys, so one checkpoint loads into either.
     """
@@ -151,7 +151,8 @@ class FERNet(nn.Module):
         self.fused = fused
 
         def c(n: int) -> int:
-            return make_divisible(n * width_mult)
+            # width_mult = 1 is Table 2 exactly (364 is no multiple of 8); scaled widths are rounded.
+            return n if width_mult == 1 else make_divisible(n * width_mult)
 
         c32, c64, c128, c256, c364, c512, c728 = (c(n) for n in (32, 64, 128, 256, 364, 512, 728))
         self.features = nn.Sequential(
