@@ -162,3 +162,14 @@ def test_bad_train_arguments(tmp_path):
         cli.main(["train", "--resume", str(tmp_path)])  # no args.json there
     with pytest.raises(FileNotFoundError, match="does not exist"):
         cli.main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+
+
+def test_kfold_reports_mean_and_std(small_fer, tmp_path):
+    out = tmp_path / "folds"
+    cli.main(train_args(small_fer, out, tmp_path / "cache", "--folds", "2", "--epochs", "1", "--limit", "32"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["folds_done"] == 2 and len(summary["fold_accuracies"]) == 2
+    assert summary["mean_accuracy"] == pytest.approx(np.mean(summary["fold_accuracies"]))
+    assert summary["std_accuracy"] == pytest.approx(np.std(summary["fold_accuracies"]))
+    tested = sum(json.loads((out / f"fold_{f:02d}" / "results.json").read_text())["test_images"] for f in range(2))
+    assert tested == 7 * (PER_CLASS_TRAIN + 2 * PER_CLASS_TEST)  # every image is tested exactly once

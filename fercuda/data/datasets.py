@@ -179,11 +179,12 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _fer_split_of(path: Path, top: str) -> str:
-    """The official split from FER2013's file-name prefix; without one, from the top folder."""
+    """The official split from FER2013's file-name prefix; without one, from the top folder
+    (train/ -> Training, val/ -> PublicTest, test/ -> Test)."""
     for split in FER_SPLITS:
         if path.name.startswith(split + "_"):
             return split
-    return "Training" if top == "train" else "Test"
+    return {"train": "Training", "val": "PublicTest", "validation": "PublicTest"}.get(top, "Test")
 
 
 def _decode_folder(root: Path, on_error: str) -> FaceData:
