@@ -27,7 +27,7 @@ def load_model(checkpoint, device, fused: bool = True):
         path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code from a file
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path}: not a fercuda train checkpoint (expected keys model and model_config)")
     model = FERNet(**ckpt["model_config"], fused=fused)

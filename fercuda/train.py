@@ -96,7 +96,8 @@ def save_checkpoint(path: Path, obj) -> None:
 def rng_state(aug_generator: torch.Generator) -> dict:
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # As plain lists, so checkpoints load with torch.load(weights_only=True).
+        "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
         "torch": torch.get_rng_state(),
         "augment": aug_generator.get_state(),
     }
@@ -107,7 +108,8 @@ def rng_state(aug_generator: torch.Generator) -> dict:
 
 def set_rng_state(state: dict, aug_generator: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     aug_generator.set_state(state["augment"])
     if "cuda" in state and torch.cuda.is_available():
@@ -267,7 +269,7 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
 
     last = unit_dir / "last.pt"
     if last.exists():
-        ckpt = torch.load(last, map_location=device, weights_only=False)
+        ckpt = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -365,7 +367,7 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
 
     # The official split reports the checkpoint best on PublicTest; folds the last epoch's model.
     if dist.main and (unit_dir / "best.pt").exists() and len(val_idx):
-        model.load_state_dict(torch.load(unit_dir / "best.pt", map_location=device, weights_only=False)["model"])
+        model.load_state_dict(torch.load(unit_dir / "best.pt", map_location=device, weights_only=True)["model"])
     result = {"stopped_early": stopped_early, "epochs_done": len(history),
               "best_val_acc": best_val if best_val >= 0 else None}
     if dist.main:

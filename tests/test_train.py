@@ -68,9 +68,9 @@ def test_training_writes_every_output_and_loss_falls(trained_run):
     assert json.loads((out / "summary.json").read_text())["test_accuracy"] == results["test_accuracy"]
     args = json.loads((out / "args.json").read_text())
     assert args["width_mult"] == 0.125 and args["batch_size"] == 16 and args["lr"] == 1e-3
-    last = torch.load(unit / "last.pt", weights_only=False)
+    last = torch.load(unit / "last.pt", weights_only=True)
     assert last["epoch"] == EPOCHS and {"model", "optimizer", "scaler", "rng"} <= set(last)
-    best = torch.load(unit / "best.pt", weights_only=False)
+    best = torch.load(unit / "best.pt", weights_only=True)
     assert best["val_acc"] == max(h["val_acc"] for h in history)
     assert best["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
@@ -84,7 +84,7 @@ def test_resume_continues_from_the_saved_epoch(trained_run, tmp_path):
     after = json.loads((resumed / "official" / "metrics.json").read_text())
     assert [h["epoch"] for h in after] == list(range(1, EPOCHS + 2))
     assert after[:EPOCHS] == before
-    assert torch.load(resumed / "official" / "last.pt", weights_only=False)["epoch"] == EPOCHS + 1
+    assert torch.load(resumed / "official" / "last.pt", weights_only=True)["epoch"] == EPOCHS + 1
     assert json.loads((resumed / "args.json").read_text())["epochs"] == EPOCHS + 1
 
 
