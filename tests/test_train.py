@@ -75,7 +75,7 @@ def test_training_writes_every_output_and_loss_falls(trained_run):
     assert best["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 
-def test_resume_continues_from_the_saved_epoch(trained_run, tmp_path):
+def test_resume_continues_from_the_saved_epoch(trained_run, small_fer, tmp_path):
     out, cache = trained_run
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
@@ -86,6 +86,12 @@ def test_resume_continues_from_the_saved_epoch(trained_run, tmp_path):
     assert after[:EPOCHS] == before
     assert torch.load(resumed / "official" / "last.pt", weights_only=True)["epoch"] == EPOCHS + 1
     assert json.loads((resumed / "args.json").read_text())["epochs"] == EPOCHS + 1
+    # Model, optimizer and RNG states were restored: the same as training without a stop.
+    straight = tmp_path / "straight"
+    cli.main(train_args(small_fer, straight, cache, "--epochs", str(EPOCHS + 1)))
+    uninterrupted = json.loads((straight / "official" / "metrics.json").read_text())
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert after[-1][key] == pytest.approx(uninterrupted[-1][key], rel=1e-4), key
 
 
 def test_eval_reproduces_the_reported_accuracy(trained_run, small_fer, tmp_path, capsys):
