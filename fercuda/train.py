@@ -140,6 +140,14 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether any rank says so: every rank must leave a loop at the same step, or DDP hangs."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
             return values
@@ -289,7 +297,7 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
             "args": vars(args)}
 
     def out_of_time() -> bool:
-        return args.time_limit is not None and time.time() - start_time > 60 * args.time_limit
+        return dist.any(args.time_limit is not None and time.time() - start_time > 60 * args.time_limit)
 
     stopped_early = False
     for epoch in range(start_epoch, args.epochs):
@@ -309,7 +317,10 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
 
             bar = tqdm(total=steps, desc=f"{unit_dir.name} epoch {epoch + 1}/{args.epochs}", leave=False,
                        dynamic_ncols=True)
-        loss_sum = correct = seen = 0.0
+        # Running sums stay on the device: a .item() per step would stall the GPU queue.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         t0 = time.perf_counter()
         for step in range(steps):
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size].to(device)
@@ -326,13 +337,14 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
             scaler.step(optimizer)
             scaler.update()
             n = y.shape[0]
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach() * n
+            correct += (logits.argmax(1) == y).sum()
             seen += n
             if bar is not None:
                 bar.update()
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}")
+                if step % 10 == 0 or step == steps - 1:
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}")
             if out_of_time():
                 stopped_early = True
                 break
@@ -341,7 +353,7 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
-        loss_sum, correct, seen = dist.all_sum([loss_sum, correct, seen])
+        loss_sum, correct, seen = dist.all_sum([loss_sum.item(), float(correct.item()), float(seen)])
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                "images_per_s": seen / elapsed, "epoch_seconds": elapsed, "steps": step + 1}
         if len(val_idx):
