@@ -86,7 +86,7 @@ class ResidualModule1(nn.Module):
 
 class ResidualModule2(nn.Module):
     """Fig. 7 right: two separable convs, no downsampling. The shortcut is the identity when the
-    channel count is kept, else a 1x1 conv + BN (the projection shortcut of ResNet option B)."""
+    channel count is kept, else a 1x1 conv + BN, the shortcut Xception uses wherever shapes change."""
 
     def __init__(self, in_channels: int, out_channels: int, fused: bool):
         super().__init__()
