@@ -1,0 +1,181 @@
+import csv
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from fercuda import cli
+
+EPOCHS = 3
+PER_CLASS_TRAIN = 24
+PER_CLASS_TEST = 2
+
+
+@pytest.fixture(scope="module")
+def small_fer(fer2013_dir, tmp_path_factory):
+    """A few hundred real FER2013 faces in the folder layout, with the official split prefixes."""
+    root = tmp_path_factory.mktemp("fer_small")
+    for class_dir in sorted((fer2013_dir / "train").iterdir()):
+        picks = sorted(class_dir.glob("Training_*"))[:PER_CLASS_TRAIN]
+        for split in ("PublicTest", "PrivateTest"):
+            picks += sorted((fer2013_dir / "test" / class_dir.name).glob(f"{split}_*"))[:PER_CLASS_TEST]
+        for src in picks:
+            top = "train" if src.name.startswith("Training_") else "test"
+            dst = root / top / class_dir.name / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    return root
+
+
+def train_args(data, out, cache, *extra):
+    # One thread: on a shared 2-core machine, torch's two threads spin against each other.
+    return ["train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), "--width-mult", "0.125",
+            "--batch-size", "16", "--device", "cpu", "--threads", "1", "--seed", "1", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_fer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "fer"
+    cache = tmp_path_factory.mktemp("cache")
+    cli.main(train_args(small_fer, out, cache, "--epochs", str(EPOCHS)))
+    return out, cache
+
+
+def test_training_writes_every_output_and_loss_falls(trained_run):
+    out, _ = trained_run
+    unit = out / "official"
+    history = json.loads((unit / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(h["images_per_s"] > 0 and 0 <= h["val_acc"] <= 1 for h in history)
+    with open(unit / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([h["train_loss"] for h in history])
+    for png in ("curves.png", "confusion.png"):
+        image = cv2.imread(str(unit / png))
+        assert image is not None and image.shape[0] > 100, png
+    per_class = json.loads((unit / "per_class.json").read_text())
+    assert per_class["split"] == "PrivateTest"
+    assert sum(r["support"] for r in per_class["per_class"].values()) == 7 * PER_CLASS_TEST
+    cm = np.array(per_class["confusion_matrix"])
+    assert cm.sum() == 7 * PER_CLASS_TEST
+    assert per_class["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    results = json.loads((unit / "results.json").read_text())
+    assert results["test_accuracy"] == per_class["accuracy"]
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] == results["test_accuracy"]
+    args = json.loads((out / "args.json").read_text())
+    assert args["width_mult"] == 0.125 and args["batch_size"] == 16 and args["lr"] == 1e-3
+    last = torch.load(unit / "last.pt", weights_only=True)
+    assert last["epoch"] == EPOCHS and {"model", "optimizer", "scaler", "rng"} <= set(last)
+    best = torch.load(unit / "best.pt", weights_only=True)
+    assert best["val_acc"] == max(h["val_acc"] for h in history)
+    assert best["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+
+
+def test_resume_continues_from_the_saved_epoch(trained_run, small_fer, tmp_path):
+    out, cache = trained_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    before = json.loads((resumed / "official" / "metrics.json").read_text())
+    cli.main(["train", "--resume", str(resumed), "--epochs", str(EPOCHS + 1), "--no-progress"])
+    after = json.loads((resumed / "official" / "metrics.json").read_text())
+    assert [h["epoch"] for h in after] == list(range(1, EPOCHS + 2))
+    assert after[:EPOCHS] == before
+    assert torch.load(resumed / "official" / "last.pt", weights_only=True)["epoch"] == EPOCHS + 1
+    assert json.loads((resumed / "args.json").read_text())["epochs"] == EPOCHS + 1
+    # Model, optimizer and RNG states were restored: the same as training without a stop.
+    straight = tmp_path / "straight"
+    cli.main(train_args(small_fer, straight, cache, "--epochs", str(EPOCHS + 1)))
+    uninterrupted = json.loads((straight / "official" / "metrics.json").read_text())
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert after[-1][key] == pytest.approx(uninterrupted[-1][key], rel=1e-4), key
+
+
+def test_eval_reproduces_the_reported_accuracy(trained_run, small_fer, tmp_path, capsys):
+    out, cache = trained_run
+    cli.main(["eval", str(out / "official" / "best.pt"), "--data", str(small_fer), "--cache-dir", str(cache),
+              "--device", "cpu", "--out", str(tmp_path / "eval")])
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    results = json.loads((out / "official" / "results.json").read_text())
+    assert report["accuracy"] == pytest.approx(results["test_accuracy"])
+    assert "precision" in capsys.readouterr().out
+    # The plain model reads the same checkpoint and agrees.
+    cli.main(["eval", str(out), "--plain", "--data", str(small_fer), "--cache-dir", str(cache),
+              "--device", "cpu", "--out", str(tmp_path / "eval_plain")])
+    plain = json.loads((tmp_path / "eval_plain" / "eval.json").read_text())
+    assert plain["accuracy"] == pytest.approx(report["accuracy"])
+
+
+def test_predict_on_faces(trained_run, small_fer, tmp_path):
+    out, _ = trained_run
+    classes = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    face_file = sorted((small_fer / "test" / "happy").iterdir())[0]
+    face = cv2.imread(str(face_file), cv2.IMREAD_GRAYSCALE)
+    cli.main(["predict", str(out / "official" / "best.pt"), str(face_file), "--out", str(tmp_path / "face.png"),
+              "--json", str(tmp_path / "face.json"), "--device", "cpu"])
+    found = json.loads((tmp_path / "face.json").read_text())[0]["faces"]
+    assert len(found) == 1 and found[0]["box"] == [0, 0, 48, 48] and found[0]["label"] in classes
+    assert cv2.imread(str(tmp_path / "face.png")) is not None
+
+    # A larger scene built from a FER face: needs the Haar cascade, or --whole-image.
+    scene = np.full((240, 320), 128, np.uint8)
+    scene[40:232, 60:252] = cv2.resize(face, (192, 192), interpolation=cv2.INTER_CUBIC)
+    scene_file = tmp_path / "scene.png"
+    cv2.imwrite(str(scene_file), scene)
+    detector, reason = cli.face_detector()
+    predict_scene = ["predict", str(out), str(scene_file), "--out", str(tmp_path / "scene_out.jpg"),
+                     "--json", str(tmp_path / "scene.json"), "--device", "cpu"]
+    if detector is None:
+        with pytest.raises(RuntimeError, match="haarcascade_frontalface_default.xml"):
+            cli.main(predict_scene)
+        cli.main([*predict_scene, "--whole-image"])
+        assert json.loads((tmp_path / "scene.json").read_text())[0]["faces"][0]["box"] == [0, 0, 320, 240]
+    else:
+        cli.main(predict_scene)
+        for f in json.loads((tmp_path / "scene.json").read_text())[0]["faces"]:
+            assert f["label"] in classes
+    assert cv2.imread(str(tmp_path / "scene_out.jpg")) is not None
+
+    # A short video of FER faces: one classified face per frame, an annotated video out.
+    video = tmp_path / "faces.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (48, 48))
+    faces = [cv2.imread(str(p)) for p in sorted((small_fer / "test" / "sad").iterdir())[:3]]
+    for f in faces:
+        writer.write(f)
+    writer.release()
+    cli.main(["predict", str(out), str(video), "--out", str(tmp_path / "faces_out.avi"),
+              "--json", str(tmp_path / "video.json"), "--device", "cpu"])
+    frames = json.loads((tmp_path / "video.json").read_text())
+    assert len(frames) == 3 and all(len(fr["faces"]) == 1 for fr in frames)
+    capture = cv2.VideoCapture(str(tmp_path / "faces_out.avi"))
+    assert capture.isOpened() and capture.read()[0]
+    capture.release()
+
+
+def test_info_prints_parameters_and_flops(capsys):
+    cli.main(["info", "--width-mult", "1", "0.25"])
+    printed = capsys.readouterr().out
+    assert "9,233,183 parameters" in printed and "GFLOPs" in printed
+
+
+def test_bad_train_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--data", str(tmp_path), "--folds", "1"])
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", str(tmp_path)])  # no args.json there
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+
+
+def test_kfold_reports_mean_and_std(small_fer, tmp_path):
+    out = tmp_path / "folds"
+    cli.main(train_args(small_fer, out, tmp_path / "cache", "--folds", "2", "--epochs", "1", "--limit", "32"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["folds_done"] == 2 and len(summary["fold_accuracies"]) == 2
+    assert summary["mean_accuracy"] == pytest.approx(np.mean(summary["fold_accuracies"]))
+    assert summary["std_accuracy"] == pytest.approx(np.std(summary["fold_accuracies"]))
+    tested = sum(json.loads((out / f"fold_{f:02d}" / "results.json").read_text())["test_images"] for f in range(2))
+    assert tested == 7 * (PER_CLASS_TRAIN + 2 * PER_CLASS_TEST)  # every image is tested exactly once
