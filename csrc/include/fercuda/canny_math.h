@@ -88,6 +88,21 @@ FERCUDA_HD int magnitude(int dx, int dy, bool l2) {
   return (dx < 0 ? -dx : dx) + (dy < 0 ? -dy : dy);
 }
 
+// cv2's L1 magnitude differs from |dx| + |dy| in one case. It treats a row 8 columns at a
+// time (128-bit vectors of int16) and takes |v| in 16 bits there, which leaves -32768 as
+// -32768; the columns past the last full group of 8 use a 32-bit |v| (32768). The result
+// therefore depends on the column. Only hand-made gradients reach -32768: a Sobel of
+// uint8 stays within +-1020.
+constexpr int kCvMagnitudeLanes = 8;
+
+FERCUDA_HD int abs_int16_wrapped(int v) { return v == -32768 ? -32768 : (v < 0 ? -v : v); }
+
+// Canny's magnitude at column `col` of a row `width` wide, as cv2 computes it.
+FERCUDA_HD int magnitude_at(int dx, int dy, bool l2, int col, int width) {
+  if (!l2 && col < width / kCvMagnitudeLanes * kCvMagnitudeLanes) return abs_int16_wrapped(dx) + abs_int16_wrapped(dy);
+  return magnitude(dx, dy, l2);
+}
+
 enum Sector : int { kHorizontal = 0, kVertical = 1, kDiagonal = 2 };
 
 // The gradient's direction sector by cv2's fixed-point tangent test:
