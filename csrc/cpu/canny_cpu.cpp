@@ -163,19 +163,19 @@ FERCUDA_HOT void nms_row(const int16_t* dx, const int16_t* dy, const int32_t* mu
     const bool opposite = diagonal_step(dx[c], dy[c]) < 0;
     const int diag_before = opposite ? mu[c + 2] : mu[c];
     const int diag_after = opposite ? md[c] : md[c + 2];
-    const bool keep_h = m > mc[c] && m >= mc[c + 2];
-    const bool keep_v = m > mu[c + 1] && m >= md[c + 1];
-    const bool keep_d = m > diag_before && m > diag_after;
-    const bool keep = sector == kHorizontal ? keep_h : (sector == kVertical ? keep_v : keep_d);
-    const uint8_t label = m > high ? kStrong : kWeak;
-    out[c] = (keep && m > low) ? label : static_cast<uint8_t>(kNotEdge);
+    // nms_label of canny_math.h, with `&` for `&&` so no test branches.
+    const int keep_h = (m > mc[c]) & (m >= mc[c + 2]);
+    const int keep_v = (m > mu[c + 1]) & (m >= md[c + 1]);
+    const int keep_d = (m > diag_before) & (m > diag_after);
+    const int keep = sector == kHorizontal ? keep_h : (sector == kVertical ? keep_v : keep_d);
+    out[c] = static_cast<uint8_t>((keep & (m > low)) * (1 + (m > high)));
   }
 }
 
-// After hysteresis: 255 where an edge was reached, 0 elsewhere (weak pixels left over).
+// After hysteresis: 255 for strong pixels and the weak ones reached, 0 elsewhere.
 FERCUDA_HOT void finish_row(uint8_t* row, int64_t w) {
 #pragma GCC ivdep
-  for (int64_t c = 0; c < w; ++c) row[c] = row[c] == 255 ? 255 : 0;
+  for (int64_t c = 0; c < w; ++c) row[c] = row[c] >= kStrong ? 255 : 0;
 }
 
 // ---- Hysteresis ---------------------------------------------------------------
@@ -186,37 +186,96 @@ struct Pixel {
   int32_t r, c;
 };
 
+// Marks as kEdge the weak neighbours of (r, c) within rows [r0, r1) and pushes them.
+FERCUDA_INLINE void grow_from(uint8_t* map, int64_t w, int64_t r0, int64_t r1, int64_t r, int64_t c,
+                              std::vector<Pixel>& stack) {
+  uint8_t* p = map + r * w + c;
+  if (r > r0 && r + 1 < r1 && c > 0 && c + 1 < w) {
+    // Interior: the eight neighbours at fixed offsets, no bounds to test.
+    const int64_t offsets[8] = {-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1};
+    for (int k = 0; k < 8; ++k) {
+      if (p[offsets[k]] == kWeak) {
+        p[offsets[k]] = kEdge;
+        const int64_t dr = k < 3 ? -1 : (k < 5 ? 0 : 1);
+        const int64_t dc = (k == 0 || k == 3 || k == 5) ? -1 : ((k == 1 || k == 6) ? 0 : 1);
+        stack.push_back({static_cast<int32_t>(r + dr), static_cast<int32_t>(c + dc)});
+      }
+    }
+    return;
+  }
+  const int64_t ra = std::max<int64_t>(r - 1, r0), rb = std::min<int64_t>(r + 1, r1 - 1);
+  const int64_t ca = std::max<int64_t>(c - 1, 0), cb = std::min<int64_t>(c + 1, w - 1);
+  for (int64_t i = ra; i <= rb; ++i) {
+    uint8_t* row = map + i * w;
+    for (int64_t j = ca; j <= cb; ++j) {
+      if (row[j] == kWeak) {
+        row[j] = kEdge;
+        stack.push_back({static_cast<int32_t>(i), static_cast<int32_t>(j)});
+      }
+    }
+  }
+}
+
 // Marks as kEdge every weak pixel 8-connected through weak pixels to one on the stack,
 // within rows [r0, r1).
 void flood(uint8_t* map, int64_t w, int64_t r0, int64_t r1, std::vector<Pixel>& stack) {
   while (!stack.empty()) {
     const Pixel p = stack.back();
     stack.pop_back();
-    const int64_t ra = std::max<int64_t>(p.r - 1, r0), rb = std::min<int64_t>(p.r + 1, r1 - 1);
-    const int64_t ca = std::max<int64_t>(p.c - 1, 0), cb = std::min<int64_t>(p.c + 1, w - 1);
-    for (int64_t r = ra; r <= rb; ++r) {
-      uint8_t* row = map + r * w;
-      for (int64_t c = ca; c <= cb; ++c) {
-        if (row[c] == kWeak) {
-          row[c] = kEdge;
-          stack.push_back({static_cast<int32_t>(r), static_cast<int32_t>(c)});
-        }
-      }
-    }
+    grow_from(map, w, r0, r1, p.r, p.c, stack);
   }
 }
 
-// Hysteresis over rows [r0, r1) of a label map, growing only inside those rows; strong
-// pixels become kEdge. Leaves weak pixels as they are (finish_row clears them).
-void hysteresis_rows(uint8_t* map, int64_t w, int64_t r0, int64_t r1) {
+// Flags (1) the weak pixels of a row that touch a strong pixel: the seeds of hysteresis.
+// up / down are the neighbouring rows (a row of zeros beyond the image). Strong labels never
+// change during hysteresis, so this may read rows that other bands are working on.
+FERCUDA_HOT void weak_beside_strong_row(const uint8_t* up, const uint8_t* row, const uint8_t* down, int64_t w,
+                                        uint8_t* flags) {
+  auto strong = [](uint8_t v) { return static_cast<uint8_t>(v == kStrong); };
+#pragma GCC ivdep
+  for (int64_t c = 1; c + 1 < w; ++c) {
+    const uint8_t any = strong(up[c - 1]) | strong(up[c]) | strong(up[c + 1]) | strong(row[c - 1]) |
+                        strong(row[c + 1]) | strong(down[c - 1]) | strong(down[c]) | strong(down[c + 1]);
+    flags[c] = static_cast<uint8_t>(row[c] == kWeak) & any;
+  }
+  for (const int64_t c : {int64_t{0}, w - 1}) {
+    uint8_t any = 0;
+    for (int64_t j = std::max<int64_t>(c - 1, 0); j <= std::min<int64_t>(c + 1, w - 1); ++j)
+      any |= strong(up[j]) | strong(down[j]) | (j != c ? strong(row[j]) : 0);
+    flags[c] = static_cast<uint8_t>(row[c] == kWeak) & any;
+  }
+}
+
+// Hysteresis over rows [r0, r1) of a label map of h rows: every weak pixel connected to a
+// strong one through weak pixels of these rows becomes kEdge. Strong pixels stay kStrong
+// (finish_row turns them into edges) so that the seed test above stays valid for every band.
+void hysteresis_rows(uint8_t* map, int64_t h, int64_t w, int64_t r0, int64_t r1) {
   thread_local std::vector<Pixel> stack;
+  thread_local std::vector<uint8_t> buffers;
+  buffers.assign(2 * w, 0);
+  const uint8_t* zeros = buffers.data();
+  uint8_t* flags = buffers.data() + w;
   for (int64_t r = r0; r < r1; ++r) {
     uint8_t* row = map + r * w;
-    for (int64_t c = 0; c < w; ++c) {
-      if (row[c] == kStrong) {
-        row[c] = kEdge;
-        stack.push_back({static_cast<int32_t>(r), static_cast<int32_t>(c)});
-        flood(map, w, r0, r1, stack);
+    weak_beside_strong_row(r > 0 ? row - w : zeros, row, r + 1 < h ? row + w : zeros, w, flags);
+    int64_t c = 0;
+    while (c < w) {
+      // Seeds are rare: skip eight flags at a time.
+      if (c + 8 <= w) {
+        uint64_t v;
+        std::memcpy(&v, flags + c, 8);
+        if (v == 0) {
+          c += 8;
+          continue;
+        }
+      }
+      const int64_t end = std::min<int64_t>(c + 8, w);
+      for (; c < end; ++c) {
+        if (flags[c] && row[c] == kWeak) {
+          row[c] = kEdge;
+          grow_from(map, w, r0, r1, r, c, stack);
+          flood(map, w, r0, r1, stack);
+        }
       }
     }
   }
@@ -238,10 +297,10 @@ void hysteresis_image(uint8_t* map, int64_t h, int64_t w, bool parallel) {
   const std::vector<int64_t> starts = parallel ? band_starts(h, 64) : std::vector<int64_t>{0, h};
   const int64_t bands = static_cast<int64_t>(starts.size()) - 1;
   if (bands == 1) {
-    hysteresis_rows(map, w, 0, h);
+    hysteresis_rows(map, h, w, 0, h);
   } else {
     at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) hysteresis_rows(map, w, starts[b], starts[b + 1]);
+      for (int64_t b = b0; b < b1; ++b) hysteresis_rows(map, h, w, starts[b], starts[b + 1]);
     });
     std::vector<Pixel> stack;
     for (int64_t b = 1; b < bands; ++b) {

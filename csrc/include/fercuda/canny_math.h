@@ -116,9 +116,9 @@ FERCUDA_HD int gradient_sector(int dx, int dy) {
   const int x = dx < 0 ? -dx : dx;
   const int y = (dy < 0 ? -dy : dy) << kCannyShift;
   const int tg22x = x * kTg22;
-  if (y < tg22x) return kHorizontal;
   const int tg67x = static_cast<int>(static_cast<uint32_t>(tg22x) + (static_cast<uint32_t>(x) << (kCannyShift + 1)));
-  return y > tg67x ? kVertical : kDiagonal;
+  // Both tests evaluated, no early return, so the function vectorizes inside a row loop.
+  return y < tg22x ? kHorizontal : (y > tg67x ? kVertical : kDiagonal);
 }
 
 // For the diagonal sector: +1 when dx and dy share a sign (the maximum runs from the
