@@ -152,9 +152,17 @@ struct Thresholds {
   int high;
 };
 
+// cv2 floors a threshold with cvFloor, which on x86 (SSE2 cvtsd2si) gives INT_MIN for any
+// value >= 2^31, +inf included: such a `high` makes every candidate strong, such a `low`
+// makes every local maximum a candidate. Only L1 thresholds can get there (L2 ones are
+// clamped first); this reproduces cv2 on x86, where it was measured.
+FERCUDA_HD int cv_floor_threshold(double v) {
+  return v >= 2147483648.0 ? INT32_MIN : static_cast<int>(std::floor(v));
+}
+
 // cv2.Canny's threshold conventions: swap if low > high; for L2 clamp each to 32767 and
-// square it as a double; then floor. Callers reject NaN and negative values first.
-// Values beyond every reachable magnitude are capped so the floor stays in int range.
+// square it as a double; then floor (cv_floor_threshold). Callers reject NaN and negative
+// values first.
 inline Thresholds canny_thresholds(double low, double high, bool l2) {
   if (low > high) {
     const double t = low;
@@ -166,12 +174,8 @@ inline Thresholds canny_thresholds(double low, double high, bool l2) {
     high = high < 32767.0 ? high : 32767.0;
     low *= low;
     high *= high;
-  } else {
-    const double cap = 1 << 20;  // |dx| + |dy| <= 65536
-    low = low < cap ? low : cap;
-    high = high < cap ? high : cap;
   }
-  return {static_cast<int>(std::floor(low)), static_cast<int>(std::floor(high))};
+  return {cv_floor_threshold(low), cv_floor_threshold(high)};
 }
 
 }  // namespace canny
