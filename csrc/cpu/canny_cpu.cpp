@@ -226,38 +226,40 @@ void flood(uint8_t* map, int64_t w, int64_t r0, int64_t r1, std::vector<Pixel>& 
   }
 }
 
-// Flags (1) the weak pixels of a row that touch a strong pixel: the seeds of hysteresis.
-// up / down are the neighbouring rows (a row of zeros beyond the image). Strong labels never
-// change during hysteresis, so this may read rows that other bands are working on.
-FERCUDA_HOT void weak_beside_strong_row(const uint8_t* up, const uint8_t* row, const uint8_t* down, int64_t w,
-                                        uint8_t* flags) {
+// 1 where a pixel or one of its left and right neighbours is strong: three of these rows
+// (above, at, below) tell which weak pixels touch a strong one, the seeds of hysteresis.
+FERCUDA_HOT void strong_dilated_row(const uint8_t* row, int64_t w, uint8_t* dilated) {
   auto strong = [](uint8_t v) { return static_cast<uint8_t>(v == kStrong); };
 #pragma GCC ivdep
-  for (int64_t c = 1; c + 1 < w; ++c) {
-    const uint8_t any = strong(up[c - 1]) | strong(up[c]) | strong(up[c + 1]) | strong(row[c - 1]) |
-                        strong(row[c + 1]) | strong(down[c - 1]) | strong(down[c]) | strong(down[c + 1]);
-    flags[c] = static_cast<uint8_t>(row[c] == kWeak) & any;
-  }
-  for (const int64_t c : {int64_t{0}, w - 1}) {
-    uint8_t any = 0;
-    for (int64_t j = std::max<int64_t>(c - 1, 0); j <= std::min<int64_t>(c + 1, w - 1); ++j)
-      any |= strong(up[j]) | strong(down[j]) | (j != c ? strong(row[j]) : 0);
-    flags[c] = static_cast<uint8_t>(row[c] == kWeak) & any;
-  }
+  for (int64_t c = 1; c + 1 < w; ++c) dilated[c] = strong(row[c - 1]) | strong(row[c]) | strong(row[c + 1]);
+  dilated[0] = strong(row[0]) | (w > 1 ? strong(row[1]) : 0);
+  if (w > 1) dilated[w - 1] = strong(row[w - 2]) | strong(row[w - 1]);
+}
+
+FERCUDA_HOT void seeds_row(const uint8_t* row, const uint8_t* up, const uint8_t* at, const uint8_t* down, int64_t w,
+                           uint8_t* flags) {
+#pragma GCC ivdep
+  for (int64_t c = 0; c < w; ++c) flags[c] = static_cast<uint8_t>(row[c] == kWeak) & (up[c] | at[c] | down[c]);
 }
 
 // Hysteresis over rows [r0, r1) of a label map of h rows: every weak pixel connected to a
 // strong one through weak pixels of these rows becomes kEdge. Strong pixels stay kStrong
-// (finish_row turns them into edges) so that the seed test above stays valid for every band.
+// (finish_row turns them into edges), so the seed test may read rows of other bands.
 void hysteresis_rows(uint8_t* map, int64_t h, int64_t w, int64_t r0, int64_t r1) {
   thread_local std::vector<Pixel> stack;
   thread_local std::vector<uint8_t> buffers;
-  buffers.assign(2 * w, 0);
+  buffers.assign(5 * w, 0);
   const uint8_t* zeros = buffers.data();
   uint8_t* flags = buffers.data() + w;
+  uint8_t* dilated[3] = {buffers.data() + 2 * w, buffers.data() + 3 * w, buffers.data() + 4 * w};
+  // dilated[r % 3] holds row r's mask; rows beyond the image read `zeros`.
+  auto mask = [&](int64_t r) -> const uint8_t* { return (r < 0 || r >= h) ? zeros : dilated[r % 3]; };
+  if (r0 > 0) strong_dilated_row(map + (r0 - 1) * w, w, dilated[(r0 - 1) % 3]);
+  strong_dilated_row(map + r0 * w, w, dilated[r0 % 3]);
   for (int64_t r = r0; r < r1; ++r) {
     uint8_t* row = map + r * w;
-    weak_beside_strong_row(r > 0 ? row - w : zeros, row, r + 1 < h ? row + w : zeros, w, flags);
+    if (r + 1 < h) strong_dilated_row(row + w, w, dilated[(r + 1) % 3]);
+    seeds_row(row, mask(r - 1), mask(r), mask(r + 1), w, flags);
     int64_t c = 0;
     while (c < w) {
       // Seeds are rare: skip eight flags at a time.
@@ -342,7 +344,9 @@ class BlurredRows {
     if (tags_[s] != b) {
       const uint8_t* rows[7];
       const int pad = k_ / 2;
-      for (int t = 0; t < k_; ++t) rows[t] = src_ + reflect101(static_cast<int>(b + t - pad), static_cast<int>(h_)) * w_;
+      const bool interior = b >= pad && b + pad < h_;
+      for (int t = 0; t < k_; ++t)
+        rows[t] = src_ + (interior ? b + t - pad : reflect101(static_cast<int>(b + t - pad), static_cast<int>(h_))) * w_;
       if (k_ == 3) blur_row3(rows, w_, vsum_, slots_[s]);
       else if (k_ == 5) blur_row5(rows, w_, vsum_, slots_[s]);
       else blur_row7(rows, w_, vsum_, slots_[s]);
