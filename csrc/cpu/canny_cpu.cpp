@@ -191,15 +191,20 @@ FERCUDA_INLINE void grow_from(uint8_t* map, int64_t w, int64_t r0, int64_t r1, i
                               std::vector<Pixel>& stack) {
   uint8_t* p = map + r * w + c;
   if (r > r0 && r + 1 < r1 && c > 0 && c + 1 < w) {
-    // Interior: the eight neighbours at fixed offsets, no bounds to test.
-    const int64_t offsets[8] = {-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1};
-    for (int k = 0; k < 8; ++k) {
-      if (p[offsets[k]] == kWeak) {
-        p[offsets[k]] = kEdge;
-        const int64_t dr = k < 3 ? -1 : (k < 5 ? 0 : 1);
-        const int64_t dc = (k == 0 || k == 3 || k == 5) ? -1 : ((k == 1 || k == 6) ? 0 : 1);
-        stack.push_back({static_cast<int32_t>(r + dr), static_cast<int32_t>(c + dc)});
-      }
+    // Interior: the eight neighbours at fixed offsets, no bounds to test. Their weak tests
+    // are gathered into a bit mask first, so only the neighbours found cost a branch.
+    constexpr int kDr[8] = {-1, -1, -1, 0, 0, 1, 1, 1};
+    constexpr int kDc[8] = {-1, 0, 1, -1, 1, -1, 0, 1};
+    const uint8_t* up = p - w;
+    const uint8_t* down = p + w;
+    unsigned found = (up[-1] == kWeak) | (up[0] == kWeak) << 1 | (up[1] == kWeak) << 2 | (p[-1] == kWeak) << 3 |
+                     (p[1] == kWeak) << 4 | (down[-1] == kWeak) << 5 | (down[0] == kWeak) << 6 |
+                     (down[1] == kWeak) << 7;
+    while (found) {
+      const int k = __builtin_ctz(found);
+      found &= found - 1;
+      p[kDr[k] * w + kDc[k]] = kEdge;
+      stack.push_back({static_cast<int32_t>(r + kDr[k]), static_cast<int32_t>(c + kDc[k])});
     }
     return;
   }
