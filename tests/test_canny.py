@@ -467,3 +467,22 @@ def test_exception_cuda_tensor_without_cuda_kernels():
         dx = torch.empty(48, 48, dtype=torch.int16, device="cuda")
         with pytest.raises(RuntimeError, match="fercuda.nms: got a CUDA tensor"):
             ops.nms(dx, dx, 10, 20)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_row_bands_match_cv2(fer_test_images, rng, threads):
+    # Large images run as row bands, one or more per thread, with hysteresis joined across
+    # band seams; more threads than cores still splits the work.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        picture = torch.from_numpy(fer_picture(fer_test_images, 720, 1280, rng))
+        assert_canny_equal(picture, 20, 60)
+        assert_canny_equal(picture[:, :5].contiguous(), 20, 60)  # tall and thin
+        assert_canny_equal(noise(rng, 2, 400, 700), 40, 120, 3, True)  # few images: banded too
+        dx = torch.randint(-32768, 32768, (600, 800), dtype=torch.int16, generator=rng)
+        dy = torch.randint(-32768, 32768, (600, 800), dtype=torch.int16, generator=rng)
+        out = ops.hysteresis(ops.nms(dx, dy, 1000, 30000))
+        assert differing(out, cv2.Canny(dx.numpy(), dy.numpy(), 1000, 30000)) == 0
+    finally:
+        torch.set_num_threads(before)
