@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -288,10 +289,31 @@ void hysteresis_rows(uint8_t* map, int64_t h, int64_t w, int64_t r0, int64_t r1)
   }
 }
 
-// Row bands of one image: about as many as threads, each at least min_rows tall.
+// Calls fn(begin, end) over [0, count) in chunks of `chunk` on torch's intra-op threads.
+// Chunks are handed out one at a time from a shared counter rather than in one fixed share
+// per thread, so a thread the OS delays (a busy machine) holds up one chunk, not its share.
+template <typename Fn>
+void parallel_chunks(int64_t count, int64_t chunk, const Fn& fn) {
+  if (count <= 0) return;
+  chunk = std::max<int64_t>(chunk, 1);
+  const int64_t chunks = (count + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    fn(0, count);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1); k < chunks; k = next.fetch_add(1))
+      fn(k * chunk, std::min(count, (k + 1) * chunk));
+  });
+}
+
+// Row bands of one image: several per thread (see parallel_chunks), each at least
+// min_rows tall.
 std::vector<int64_t> band_starts(int64_t h, int64_t min_rows) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t bands = std::min<int64_t>(threads * 2, std::max<int64_t>(1, h / min_rows));
+  int64_t bands = std::min<int64_t>(threads * 8, std::max<int64_t>(1, h / min_rows));
   if (threads == 1) bands = 1;
   std::vector<int64_t> starts;
   for (int64_t b = 0; b <= bands; ++b) starts.push_back(h * b / bands);
@@ -306,7 +328,7 @@ void hysteresis_image(uint8_t* map, int64_t h, int64_t w, bool parallel) {
   if (bands == 1) {
     hysteresis_rows(map, h, w, 0, h);
   } else {
-    at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
+    parallel_chunks(bands, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) hysteresis_rows(map, h, w, starts[b], starts[b + 1]);
     });
     std::vector<Pixel> stack;
@@ -323,7 +345,7 @@ void hysteresis_image(uint8_t* map, int64_t h, int64_t w, bool parallel) {
     for (int64_t r = r0; r < r1; ++r) finish_row(map + r * w, w);
   };
   if (parallel)
-    at::parallel_for(0, h, std::max<int64_t>(1, 65536 / std::max<int64_t>(w, 1)), finish);
+    parallel_chunks(h, std::max<int64_t>(1, 65536 / std::max<int64_t>(w, 1)), finish);
   else
     finish(0, h);
 }
@@ -479,14 +501,14 @@ void for_each_band(int64_t n, int64_t h, int64_t w, const Band& band) {
   const int64_t threads = at::get_num_threads();
   if (h * w <= kSmallImagePixels || n >= 2 * threads) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, h * w));
-    at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    parallel_chunks(n, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) band(i, 0, h);
     });
     return;
   }
   const std::vector<int64_t> starts = band_starts(h, 16);
   const int64_t bands = static_cast<int64_t>(starts.size()) - 1;
-  at::parallel_for(0, n * bands, 1, [&](int64_t b0, int64_t b1) {
+  parallel_chunks(n * bands, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) band(b / bands, starts[b % bands], starts[b % bands + 1]);
   });
 }
@@ -592,12 +614,12 @@ at::Tensor hysteresis_cpu(const at::Tensor& edge_map) {
   const uint8_t* in = src.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   // Only the labels 1 and 2 mean something; anything else is not an edge.
-  at::parallel_for(0, n * h * w, 1 << 16, [&](int64_t a, int64_t b) {
+  parallel_chunks(n * h * w, 1 << 16, [&](int64_t a, int64_t b) {
     for (int64_t k = a; k < b; ++k) dst[k] = (in[k] == kWeak || in[k] == kStrong) ? in[k] : kNotEdge;
   });
   const int64_t threads = at::get_num_threads();
   if (h * w <= kSmallImagePixels || n >= 2 * threads) {
-    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    parallel_chunks(n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, h * w)), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) hysteresis_image(dst + i * h * w, h, w, false);
     });
   } else {
@@ -639,7 +661,7 @@ at::Tensor canny_cpu(const at::Tensor& img, double low, double high, int64_t ksi
   const int64_t threads = at::get_num_threads();
   if (h * w <= kSmallImagePixels || n >= 2 * threads) {
     const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, h * w));
-    at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    parallel_chunks(n, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         labels(i, 0, h);
         hysteresis_image(dst + i * h * w, h, w, false);
@@ -650,7 +672,7 @@ at::Tensor canny_cpu(const at::Tensor& img, double low, double high, int64_t ksi
   const std::vector<int64_t> starts = band_starts(h, 16);
   const int64_t bands = static_cast<int64_t>(starts.size()) - 1;
   for (int64_t i = 0; i < n; ++i) {
-    at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
+    parallel_chunks(bands, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) labels(i, starts[b], starts[b + 1]);
     });
     hysteresis_image(dst + i * h * w, h, w, true);
