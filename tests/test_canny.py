@@ -476,12 +476,13 @@ def test_row_bands_match_cv2(fer_test_images, rng, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        assert_canny_equal(torch.from_numpy(fer_picture(fer_test_images, 2048, 2048, rng)), 20, 60)  # banded hysteresis
         picture = torch.from_numpy(fer_picture(fer_test_images, 720, 1280, rng))
         assert_canny_equal(picture, 20, 60)
         assert_canny_equal(picture[:, :5].contiguous(), 20, 60)  # tall and thin
         assert_canny_equal(noise(rng, 2, 400, 700), 40, 120, 3, True)  # few images: banded too
-        dx = torch.randint(-32768, 32768, (600, 800), dtype=torch.int16, generator=rng)
-        dy = torch.randint(-32768, 32768, (600, 800), dtype=torch.int16, generator=rng)
+        dx = torch.randint(-32768, 32768, (2000, 2001), dtype=torch.int16, generator=rng)
+        dy = torch.randint(-32768, 32768, (2000, 2001), dtype=torch.int16, generator=rng)
         out = ops.hysteresis(ops.nms(dx, dy, 1000, 30000))
         assert differing(out, cv2.Canny(dx.numpy(), dy.numpy(), 1000, 30000)) == 0
     finally:
