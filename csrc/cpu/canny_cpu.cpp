@@ -7,8 +7,8 @@
 // output, and hysteresis turns them into 0 / 255 in place.
 //
 // Parallelism: batches of small images run one image per task; a large image is cut into
-// row bands that recompute their few halo rows, and hysteresis runs per band with a
-// serial fix-up across band seams.
+// row bands that recompute their few halo rows. Hysteresis then runs serially, or, from
+// kParallelHysteresisPixels on, per band with a serial fix-up across band seams.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
