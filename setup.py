@@ -123,7 +123,9 @@ def _torch_nvidia_includes():
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is inline and runs serially in a file compiled without it.
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"]
+    link = ["-fopenmp"]
     define_macros = []
     if WITH_CUDA:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
@@ -134,6 +136,7 @@ def extension():
             include_dirs=include_dirs + _torch_nvidia_includes(),
             define_macros=define_macros + [("FERCUDA_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     return CppExtension(
         "fercuda._C",
@@ -141,6 +144,7 @@ def extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 

@@ -20,7 +20,7 @@ def _load_extension():
 
 _C = _load_extension()
 
-from fercuda import ops  # noqa: E402,F401
+from fercuda import nn, ops  # noqa: E402,F401
 
 
 def cuda_kernels_built() -> bool:

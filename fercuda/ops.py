@@ -1,8 +1,133 @@
-"""Public entry points of fercuda's operators (torch.ops.fercuda.*)."""
+"""Public entry points of fercuda's operators (torch.ops.fercuda.*).
+
+Images are uint8 tensors shaped (H, W), (N, H, W) or (N, 1, H, W), any strides (channels_last
+included); every output has the input's shape and is contiguous. Each function is a thin
+wrapper over its registered op, so torch.compile, export and opcheck see the op itself.
+"""
+
+import os
 
 import torch
 
+from fercuda import _build_info
 from fercuda import _meta  # noqa: F401  (fake kernels for torch.compile)
+
+_CUDA_KERNELS_BUILT = bool(_build_info.WITH_CUDA)
+
+# Kernels behind each op: "cpu" and "cuda" are the C++ kernels of torch.ops.fercuda for that
+# device; "triton" the Triton kernels of fercuda.triton (CUDA tensors, or CPU tensors under
+# TRITON_INTERPRET=1). None picks the C++ kernel of the input's device.
+BACKENDS = ("cpu", "cuda", "triton")
+
+
+def _backend(op, backend, tensor):
+    """Validate a backend= argument against the input's device; returns the backend to run."""
+    if backend is None:
+        return "cuda" if tensor.device.type == "cuda" else "cpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"fercuda.{op}: argument 'backend' must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton":
+        if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"fercuda.{op}: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for Triton's "
+                f"CPU interpreter), got a tensor on {tensor.device}"
+            )
+        return backend
+    if tensor.device.type != backend:
+        raise ValueError(
+            f"fercuda.{op}: backend={backend!r} needs a tensor on {backend}, got a tensor on {tensor.device}"
+        )
+    return backend
+
+
+def _check_device(op, *tensors):
+    """A CUDA tensor needs a build with CUDA kernels; say so rather than the dispatcher's message."""
+    for t in tensors:
+        if t.device.type == "cuda" and not _CUDA_KERNELS_BUILT:
+            raise RuntimeError(
+                f"fercuda.{op}: got a CUDA tensor, but this build of fercuda holds no CUDA kernels "
+                "(it was built without a CUDA toolkit or with USE_CUDA=0). Rebuild with a CUDA toolkit "
+                "on the path (FORCE_CUDA=1 makes a missing toolkit an error): "
+                "`FORCE_CUDA=1 pip install -e . --no-build-isolation`, or move the tensor to the CPU."
+            )
+
+
+def gaussian_blur(img: torch.Tensor, ksize: int = 5) -> torch.Tensor:
+    """Gaussian blur of uint8 images, equal to ``cv2.GaussianBlur(img, (ksize, ksize), 0)``.
+
+    ksize is 3, 5 or 7 (sigma from ksize, as cv2 does for sigma 0); reflect-101 border.
+    Bit-exact with OpenCV's 8-bit fixed-point arithmetic.
+    """
+    _check_device("gaussian_blur", img)
+    return torch.ops.fercuda.gaussian_blur.default(img, ksize)
+
+
+def sobel(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sobel derivatives (dx, dy) as int16, equal to
+    ``cv2.Sobel(img, cv2.CV_16S, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)`` and the same
+    with (0, 1): the gradients cv2.Canny computes internally.
+    """
+    _check_device("sobel", img)
+    return torch.ops.fercuda.sobel.default(img)
+
+
+def paper_gradient(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2x2 finite differences (P, Q) of the paper's eq. (2), float32.
+
+    On the window whose top-left pixel is (r, c), with the row and column beyond the last
+    replicated: P = (f[r, c+1] - f[r, c] + f[r+1, c+1] - f[r+1, c]) / 2 (along columns),
+    Q = (f[r, c] - f[r+1, c] + f[r, c+1] - f[r+1, c+1]) / 2 (the paper's y axis points up).
+    """
+    _check_device("paper_gradient", img)
+    return torch.ops.fercuda.paper_gradient.default(img)
+
+
+def nms(dx: torch.Tensor, dy: torch.Tensor, low: float, high: float, *, l2_gradient: bool = False) -> torch.Tensor:
+    """Canny's non-maximum suppression and double threshold on int16 gradients.
+
+    Returns a uint8 map: 0 not an edge, 1 weak candidate, 2 strong edge.
+    ``hysteresis(nms(dx, dy, low, high, l2_gradient=L2))`` equals
+    ``cv2.Canny(dx, dy, low, high, L2gradient=L2)`` bit for bit, for any int16 dx, dy.
+    Thresholds follow cv2: swapped if low > high, floored (L2: clamped to 32767, squared, floored).
+    """
+    _check_device("nms", dx, dy)
+    return torch.ops.fercuda.nms.default(dx, dy, float(low), float(high), bool(l2_gradient))
+
+
+def hysteresis(edge_map: torch.Tensor) -> torch.Tensor:
+    """Hysteresis over an ``nms`` map: 255 for strong pixels and every weak pixel 8-connected
+    to one through weak pixels, 0 elsewhere (uint8), as cv2.Canny's last stage.
+    """
+    _check_device("hysteresis", edge_map)
+    return torch.ops.fercuda.hysteresis.default(edge_map)
+
+
+def canny(
+    img: torch.Tensor,
+    low: float = 50,
+    high: float = 150,
+    *,
+    ksize: int = 5,
+    l2_gradient: bool = False,
+    gradient: str = "sobel",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Canny edges of uint8 images (255 edge, 0 elsewhere), in one pass per image.
+
+    Equal bit for bit to ``cv2.Canny(cv2.GaussianBlur(img, (ksize, ksize), 0), low, high,
+    L2gradient=l2_gradient)``; ksize=0 skips the blur (plain ``cv2.Canny(img, ...)``).
+    gradient="paper" replaces Sobel by the paper's 2x2 differences: edges equal
+    ``cv2.Canny(2 * P, -2 * Q, 2 * low, 2 * high)`` with (P, Q) = paper_gradient(blurred image).
+
+    backend: None (the C++ kernel of img's device), "cpu", "cuda" or "triton"; every backend
+    returns the same pixels.
+    """
+    if _backend("canny", backend, img) == "triton":
+        from fercuda.triton.canny import canny as canny_triton
+
+        return canny_triton(img, low, high, ksize=ksize, l2_gradient=l2_gradient, gradient=gradient)
+    _check_device("canny", img)
+    return torch.ops.fercuda.canny.default(img, float(low), float(high), ksize, bool(l2_gradient), gradient)
 
 
 # ==== Fused depthwise 3x3 conv + BatchNorm + ReLU6 ====================================
@@ -24,6 +149,7 @@ def dwconv_bn_relu6(
     eps=1e-5,
     momentum=0.1,
     training=False,
+    backend=None,
 ):
     """relu6(batch_norm(conv2d(x, weight, bias, stride, padding, groups=C))) in one fused op.
 
@@ -33,7 +159,15 @@ def dwconv_bn_relu6(
     training=True with the batch statistics, and updates running_mean / running_var in
     place as nn.BatchNorm2d does with this momentum (use momentum = 1 / num_batches_tracked
     for BatchNorm's cumulative average). Differentiable in both modes.
+
+    backend: None (the C++ kernel of x's device), "cpu", "cuda" or "triton".
     """
+    if _backend("dwconv_bn_relu6", backend, x) == "triton":
+        from fercuda.triton.dwconv import dwconv_bn_relu6 as dwconv_triton
+
+        return dwconv_triton(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                             padding=padding, eps=eps, momentum=momentum, training=training)
+    _check_device("dwconv_bn_relu6", x)
     if training:
         out, _, _, new_mean, new_var = torch.ops.fercuda.dwconv_bn_relu6_train(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, eps, momentum
