@@ -18,22 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fercuda import _checks
+
 # Images whose power-of-two padded size is at most this run one program per image.
 _WHOLE_IMAGE_MAX_PIXELS = 64 * 64
 _TILE = 32
 
-_DTYPE_NAMES = {
-    torch.uint8: "Byte",
-    torch.int8: "Char",
-    torch.int16: "Short",
-    torch.int32: "Int",
-    torch.int64: "Long",
-    torch.float16: "Half",
-    torch.bfloat16: "BFloat16",
-    torch.float32: "Float",
-    torch.float64: "Double",
-    torch.bool: "Bool",
-}
 
 
 # ---- Per-pixel arithmetic (as canny_math.h) -------------------------------------------
@@ -291,36 +281,20 @@ def _edges_tile_kernel(state_ptr, out_ptr, H, W, TILE_H: tl.constexpr, TILE_W: t
 # ---- Validation and host code ----------------------------------------------------------
 
 
-def _dtype_name(dtype):
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-
-
 def check_canny_args(img, low, high, ksize, l2_gradient, gradient, op="canny"):
-    """Every check of the Triton Canny ops, with the C++ kernels' messages (checks.h)."""
+    """The checks of the C++ Canny ops (fercuda._checks), plus the Triton backend's device rule."""
     prefix = f"fercuda.{op}: argument"
     if not isinstance(img, torch.Tensor):
         raise TypeError(f"{prefix} 'img' must be a Tensor, got {type(img).__name__}")
-    if img.dtype != torch.uint8:
-        raise RuntimeError(f"{prefix} 'img' must be a Byte tensor, got {_dtype_name(img.dtype)}")
-    if img.dim() not in (2, 3, 4):
-        raise RuntimeError(
-            f"{prefix} 'img' must have shape (H, W), (N, H, W) or (N, 1, H, W), "
-            f"got a {img.dim()}-D tensor of shape {tuple(img.shape)}"
-        )
-    if img.dim() == 4 and img.shape[1] != 1:
-        raise RuntimeError(
-            f"{prefix} 'img' must have one channel when 4-D, (N, 1, H, W), got shape {tuple(img.shape)} "
-            "(convert colour images to grayscale first)"
-        )
-    if ksize not in (0, 3, 5, 7) or isinstance(ksize, bool):
-        raise RuntimeError(f"{prefix} 'ksize' must be 0 (no blur), 3, 5 or 7, got {ksize}")
+    _checks.check_image(img, torch.uint8, op, "img")
+    _checks.check_ksize(ksize, op, allow_zero=True)
     for name, value in (("low", low), ("high", high)):
-        if not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
-            raise RuntimeError(f"{prefix} '{name}' must be a number >= 0, got {value}")
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"{prefix} '{name}' must be a number >= 0, got {type(value).__name__}")
+        _checks.check_threshold(value, op, name)
     if not isinstance(l2_gradient, bool):
         raise TypeError(f"{prefix} 'l2_gradient' must be a bool, got {type(l2_gradient).__name__}")
-    if gradient not in ("sobel", "paper"):
-        raise RuntimeError(f"{prefix} 'gradient' must be \"sobel\" or \"paper\", got \"{gradient}\"")
+    _checks.check_gradient_kind(gradient, op)
     if img.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"{prefix} 'img' must be a CUDA tensor for the Triton backend (CPU tensors run only "

@@ -25,10 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fercuda import _checks
+
 __all__ = ["dwconv_bn_relu6"]
 
 _OP = "dwconv_bn_relu6"
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,40 +248,11 @@ def _dwconv_grad_input_kernel(
 
 
 def _check_args(op, x, weight, bias, bn_weight, bn_bias, stat_a, stat_a_name, stat_b, stat_b_name, stride, padding):
-    """Validation of the Triton path; errors name the argument, what was expected and what was given."""
-
-    def fail(msg):
-        raise ValueError(f"fercuda.{op}: {msg}")
-
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        fail(f"argument 'x' must be a 4-D tensor (N, C, H, W), got "
-             f"{f'a {x.dim()}-D tensor of shape {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        fail(f"argument 'x' must be a float32, float16 or bfloat16 tensor, got {x.dtype}")
-    channels = x.shape[1]
-    if tuple(weight.shape) != (channels, 1, 3, 3):
-        fail(f"argument 'weight' must have shape (C, 1, 3, 3) = ({channels}, 1, 3, 3), got {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        fail(f"argument 'weight' must be a {x.dtype} tensor (x's dtype), got {weight.dtype}")
-    vectors = [("bias", bias)] if bias is not None else []
-    vectors += [("bn_weight", bn_weight), ("bn_bias", bn_bias), (stat_a_name, stat_a), (stat_b_name, stat_b)]
-    for name, t in [("weight", weight)] + vectors:
-        if t.device != x.device:
-            fail(f"arguments 'x' and '{name}' must be on the same device, got {x.device} and {t.device}")
-    for name, t in vectors:
-        if tuple(t.shape) != (channels,):
-            fail(f"argument '{name}' must have shape (C,) = ({channels},), got {tuple(t.shape)}")
-        allowed = (x.dtype,) if name == "bias" else (x.dtype, torch.float32)
-        if t.dtype not in allowed:
-            fail(f"argument '{name}' must be a {' or '.join(str(d) for d in dict.fromkeys(allowed))} tensor "
-                 f"(x is {x.dtype}), got {t.dtype}")
-    if stride not in (1, 2):
-        fail(f"argument 'stride' must be 1 or 2, got {stride}")
-    if padding < 0:
-        fail(f"argument 'padding' must be >= 0, got {padding}")
-    if x.shape[2] + 2 * padding < 3 or x.shape[3] + 2 * padding < 3:
-        fail(f"the padded input must be at least 3x3 for a 3x3 kernel, got H, W = {x.shape[2]}, {x.shape[3]} "
-             f"with padding {padding}")
+    """The C++ ops' checks (fercuda._checks); float64 is not among the Triton kernels' dtypes."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fercuda.{op}: argument 'x' must be a Tensor, got {type(x).__name__}")
+    return _checks.dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, stat_a, stat_b, stride, padding,
+                                    stat_a_name, stat_b_name, allow_double=False)
 
 
 def _out_size(size, stride, padding):
@@ -395,9 +367,7 @@ def dwconv_bn_relu6_train_triton(
     n, c, h, w = x.shape
     ho, wo = _out_size(h, stride, padding), _out_size(w, stride, padding)
     positions = n * ho * wo
-    if c > 0 and positions <= 1:
-        raise ValueError(f"fercuda.dwconv_bn_relu6_train_triton: expected more than 1 value per channel when "
-                         f"training, got N * H_out * W_out = {positions} for input of shape {tuple(x.shape)}")
+    _checks.check_dwconv_batch_stats("dwconv_bn_relu6_train_triton", n, c, ho, wo)
     out = torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     if out.numel() == 0:
         empty = torch.empty((c,), device=x.device, dtype=torch.float32)
@@ -430,11 +400,7 @@ def dwconv_bn_relu6_backward_triton(
     _check_args(op, x, weight, bias, bn_weight, bn_bias, mean, "mean", invstd, "invstd", stride, padding)
     n, c, h, w = x.shape
     ho, wo = _out_size(h, stride, padding), _out_size(w, stride, padding)
-    if tuple(grad_out.shape) != (n, c, ho, wo):
-        raise ValueError(f"fercuda.{op}: argument 'grad_out' must have the output's shape {(n, c, ho, wo)}, "
-                         f"got {tuple(grad_out.shape)}")
-    if grad_out.dtype != x.dtype:
-        raise ValueError(f"fercuda.{op}: argument 'grad_out' must be a {x.dtype} tensor, got {grad_out.dtype}")
+    _checks.check_dwconv_grad_out(op, grad_out, x, (n, c, ho, wo))
     fmt, channels_last, x_c = _layout(x)
     positions = n * ho * wo
     grad_x = torch.empty_like(x_c, memory_format=fmt)

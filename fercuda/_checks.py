@@ -1,0 +1,185 @@
+"""Input validation of fercuda's ops on the Python side, written once: the fake kernels
+(fercuda/_meta.py) and the Triton ops (fercuda/triton/) call these functions. Each mirrors
+csrc/include/fercuda/checks.h message for message and raises RuntimeError, as the C++ kernels do
+(torch._check where shapes are symbolic, under torch.compile).
+"""
+
+import math
+
+import torch
+
+
+def _check(cond, message):
+    """torch._check for symbolic conditions (fake tensors under torch.compile); a plain raise for
+    concrete ones, which Dynamo can trace through the Triton ops' Python wrappers."""
+    if isinstance(cond, torch.SymBool):
+        torch._check(cond, message)
+    elif not cond:
+        raise RuntimeError(message())
+
+# c10::toString(ScalarType), as the C++ checks print dtypes.
+C10_DTYPE_NAMES = {
+    torch.uint8: "Byte",
+    torch.int8: "Char",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.bool: "Bool",
+}
+
+
+def dtype_name(dtype):
+    return C10_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def shape_str(t):
+    dims = ", ".join(str(s) for s in t.shape)
+    return f"({dims},)" if t.dim() == 1 else f"({dims})"
+
+
+def check_dtype(t, dtype, op, arg):
+    _check(
+        t.dtype == dtype,
+        lambda: f"fercuda.{op}: argument '{arg}' must be a {dtype_name(dtype)} tensor, got {dtype_name(t.dtype)}",
+    )
+
+
+def check_image(img, dtype, op, arg):
+    check_dtype(img, dtype, op, arg)
+    _check(
+        img.dim() in (2, 3, 4),
+        lambda: f"fercuda.{op}: argument '{arg}' must have shape (H, W), (N, H, W) or (N, 1, H, W), "
+        f"got a {img.dim()}-D tensor of shape {shape_str(img)}",
+    )
+    if img.dim() == 4:
+        _check(
+            img.shape[1] == 1,
+            lambda: f"fercuda.{op}: argument '{arg}' must have one channel when 4-D, (N, 1, H, W), "
+            f"got shape {shape_str(img)} (convert colour images to grayscale first)",
+        )
+
+
+def check_same_shape(a, arg_a, b, arg_b, op):
+    _check(
+        a.shape == b.shape,
+        lambda: f"fercuda.{op}: arguments '{arg_a}' and '{arg_b}' must have the same shape, "
+        f"got {shape_str(a)} and {shape_str(b)}",
+    )
+
+
+def check_ksize(ksize, op, allow_zero):
+    allowed = (0, 3, 5, 7) if allow_zero else (3, 5, 7)
+    _check(
+        ksize in allowed,
+        lambda: f"fercuda.{op}: argument 'ksize' must be {'0 (no blur), ' if allow_zero else ''}3, 5 or 7, got {ksize}",
+    )
+
+
+def check_threshold(v, op, arg):
+    _check(
+        not math.isnan(v) and v >= 0.0, lambda: f"fercuda.{op}: argument '{arg}' must be a number >= 0, got {v}"
+    )
+
+
+def check_gradient_kind(gradient, op):
+    _check(
+        gradient in ("sobel", "paper"),
+        lambda: f"fercuda.{op}: argument 'gradient' must be \"sobel\" or \"paper\", got \"{gradient}\"",
+    )
+
+
+def check_dwconv_channel_arg(op, t, arg, x, channels, allow_float32):
+    _check(
+        t.dim() == 1 and t.shape[0] == channels,
+        lambda: f"fercuda.{op}: argument '{arg}' must have shape (C,) = ({channels},) for x of shape "
+        f"{shape_str(x)}, got {shape_str(t)}",
+    )
+    _check(
+        t.device == x.device,
+        lambda: f"fercuda.{op}: arguments 'x' and '{arg}' must be on the same device, got {x.device} and {t.device}",
+    )
+    or_float = " or Float" if allow_float32 and x.dtype != torch.float32 else ""
+    _check(
+        t.dtype == x.dtype or (allow_float32 and t.dtype == torch.float32),
+        lambda: f"fercuda.{op}: argument '{arg}' must be a {dtype_name(x.dtype)}{or_float} tensor like x, "
+        f"got {dtype_name(t.dtype)}",
+    )
+
+
+def dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, mean, var, stride, padding,
+                      mean_arg="running_mean", var_arg="running_var", allow_double=None):
+    _check(
+        x.dim() == 4,
+        lambda: f"fercuda.{op}: argument 'x' must be a 4-D (N, C, H, W) tensor, got a {x.dim()}-D tensor of "
+        f"shape {shape_str(x)}",
+    )
+    if allow_double is None:  # the C++ CPU kernels take float64 (for gradcheck); CUDA and Triton do not
+        allow_double = x.device.type == "cpu"
+    kinds = "Float, Double, Half or BFloat16" if allow_double else "Float, Half or BFloat16"
+    _check(
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16) or (allow_double and x.dtype == torch.float64),
+        lambda: f"fercuda.{op}: argument 'x' must be a {kinds} tensor, got {dtype_name(x.dtype)}",
+    )
+    n, c, h, w = x.shape
+    _check(
+        weight.dim() == 4 and tuple(weight.shape) == (c, 1, 3, 3),
+        lambda: f"fercuda.{op}: argument 'weight' must have shape (C, 1, 3, 3) = ({c}, 1, 3, 3) for x of shape "
+        f"{shape_str(x)}, got {shape_str(weight)}",
+    )
+    _check(
+        weight.device == x.device,
+        lambda: f"fercuda.{op}: arguments 'x' and 'weight' must be on the same device, got {x.device} and "
+        f"{weight.device}",
+    )
+    _check(
+        weight.dtype == x.dtype,
+        lambda: f"fercuda.{op}: argument 'weight' must be a {dtype_name(x.dtype)} tensor like x, got "
+        f"{dtype_name(weight.dtype)}",
+    )
+    if bias is not None:
+        check_dwconv_channel_arg(op, bias, "bias", x, c, False)
+    half = x.dtype != torch.float32
+    check_dwconv_channel_arg(op, bn_weight, "bn_weight", x, c, half)
+    check_dwconv_channel_arg(op, bn_bias, "bn_bias", x, c, half)
+    check_dwconv_channel_arg(op, mean, mean_arg, x, c, True)
+    check_dwconv_channel_arg(op, var, var_arg, x, c, True)
+    _check(stride in (1, 2), lambda: f"fercuda.{op}: argument 'stride' must be 1 or 2, got {stride}")
+    _check(padding >= 0, lambda: f"fercuda.{op}: argument 'padding' must be >= 0, got {padding}")
+    _check(
+        h + 2 * padding >= 3 and w + 2 * padding >= 3,
+        lambda: f"fercuda.{op}: the padded input must be at least 3x3 for a 3x3 kernel, got x of shape "
+        f"{shape_str(x)} with padding {padding}",
+    )
+    return n, c, (h + 2 * padding - 3) // stride + 1, (w + 2 * padding - 3) // stride + 1
+
+
+def check_dwconv_grad_out(op, grad_out, x, out):
+    _check(
+        grad_out.dim() == 4 and tuple(grad_out.shape) == tuple(out),
+        lambda: f"fercuda.{op}: argument 'grad_out' must have the output's shape ({out[0]}, {out[1]}, {out[2]}, "
+        f"{out[3]}), got {shape_str(grad_out)}",
+    )
+    _check(
+        grad_out.device == x.device,
+        lambda: f"fercuda.{op}: arguments 'x' and 'grad_out' must be on the same device, got {x.device} and "
+        f"{grad_out.device}",
+    )
+    _check(
+        grad_out.dtype == x.dtype,
+        lambda: f"fercuda.{op}: argument 'grad_out' must be a {dtype_name(x.dtype)} tensor like x, got "
+        f"{dtype_name(grad_out.dtype)}",
+    )
+
+
+def check_dwconv_batch_stats(op, n, c, h_out, w_out):
+    """BatchNorm's batch statistics need two values per channel, as nn.BatchNorm2d demands."""
+    if n * c * h_out * w_out != 0:
+        _check(
+            n * h_out * w_out > 1,
+            lambda: f"fercuda.{op}: Expected more than 1 value per channel when training, got input size "
+            f"[{n}, {c}, {h_out}, {w_out}]",
+        )
