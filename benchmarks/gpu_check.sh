@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything fercuda checks on a GPU machine, in one run of at most ~8 minutes:
 #   build (FORCE_CUDA=1, in place) -> whole test suite on CUDA -> compute-sanitizer memcheck and
-#   racecheck on a small Canny subset -> every benchmarks/bench_*_gpu.py (pytest-benchmark).
+#   racecheck on a small Canny subset -> every benchmarks/bench_*_gpu.py (pytest-benchmark) ->
+#   FERNet training throughput (fused vs plain) and, where FER2013 travels along, a short training run.
 # Results (logs, JUnit XML, benchmark JSON) go to $OUT if set, else ./gpu_results; a short
 # table comes last. A failing stage is reported and the next one still runs; the exit status is
 # non-zero if any stage failed.
@@ -107,12 +108,26 @@ for bench in benchmarks/bench_*_gpu.py; do
   stage "$name" 120 "$PY" -m pytest "$bench" -q -p no:cacheprovider --benchmark-json="$RESULTS/$name.json"
 done
 
+# Training throughput of the fused FERNet against the plain-PyTorch one (random batches).
+stage fernet_throughput 60 env FERCUDA_BENCH_DEVICE=cuda FERCUDA_BENCH_ROUNDS=20 "$PY" -m pytest \
+  benchmarks/bench_fernet_train.py -q -s -p no:cacheprovider --benchmark-json="$RESULTS/bench_fernet_train.json"
+
+# A short real training run where the FER2013 images travel with the tree (the folder layout
+# under FERCUDA_FER2013, default .fer2013/ in the repository, which git ignores).
+FER=${FERCUDA_FER2013:-$ROOT/.fer2013}
+if [ -d "$FER/train" ]; then
+  stage fernet_train 150 "$PY" -m fercuda.cli train --data "$FER" --time-limit 2 --device cuda \
+    --out "$RESULTS/fernet_run" --no-progress
+else
+  STAGES+=("fernet_train: SKIPPED (no FER2013 folder at $FER)")
+fi
+
 echo
 echo "=== summary ($(($(date +%s) - START))s, results in $RESULTS)"
 "$PY" - "$RESULTS" <<'EOF' || echo "(no benchmark table)"
 import json, sys
 from pathlib import Path
-for path in sorted(Path(sys.argv[1]).glob("bench_*_gpu.json")):
+for path in sorted(Path(sys.argv[1]).glob("bench_*.json")):
     for b in json.loads(path.read_text()).get("benchmarks", []):
         line = b.get("extra_info", {}).get("table")
         if line is None:
