@@ -1,7 +1,8 @@
 """fercuda against its peers, on built-in inputs: ``python -m fercuda.compare``.
 
-Prints one table: for each case, how many output elements differ from the reference, the median
-time of fercuda and of each peer, and fercuda's speed-up over each. Sections are functions that
+Prints one table: for each case, how fercuda's output agrees with its reference (differing
+pixels against OpenCV for Canny, the largest error against float64 PyTorch for the fused block),
+the median time of fercuda and of each peer, and fercuda's speed-up over each. Sections are functions that
 return rows (SECTIONS at the bottom); a new kernel family adds its own section.
 
 Environment: FERCUDA_FER2013 (folder holding FER2013's train/ and test/), FERCUDA_COMPARE_THREADS
@@ -28,6 +29,7 @@ class Row:
     case: str
     reference: str  # what "differing" counts against
     differing: int | None  # elements of fercuda's output that differ from the reference
+    max_error: float | None = None  # for floating-point outputs: largest |fercuda - reference|
     fercuda_ms: float
     peers_ms: dict[str, float | None] = field(default_factory=dict)  # None: peer not available
 
@@ -123,17 +125,32 @@ def canny_section():
     return rows
 
 
-SECTIONS = [canny_section]
+def dwconv_section():
+    """Fused depthwise conv + BatchNorm + ReLU6 (inference, float32) against eager PyTorch and
+    torch.compile; the reference is the eager block in float64."""
+    from fercuda.compare_dwconv import dwconv_section as rows_of
+
+    return [
+        Row("dwconv_bn_relu6", case.removeprefix("dwconv_bn_relu6 "), "float64", None, t_fused,
+            {"eager PyTorch": t_eager, "torch.compile": t_compile}, max_error=err)
+        for case, err, t_fused, t_eager, t_compile, _, _ in rows_of()
+    ]
+
+
+SECTIONS = [canny_section, dwconv_section]
 
 
 def format_table(rows):
     peer_names = list(dict.fromkeys(name for row in rows for name in row.peers_ms))
-    header = ["section", "case", "differing (vs)", "fercuda ms"]
+    header = ["section", "case", "agreement (vs)", "fercuda ms"]
     header += [f"{p} ms" for p in peer_names] + [f"speed-up vs {p}" for p in peer_names]
     lines = []
     for row in rows:
-        line = [row.section, row.case, "-" if row.differing is None else f"{row.differing} ({row.reference})",
-                f"{row.fercuda_ms:.2f}"]
+        if row.max_error is not None:
+            agreement = f"max err {row.max_error:.1e} ({row.reference})"
+        else:
+            agreement = "-" if row.differing is None else f"{row.differing} ({row.reference})"
+        line = [row.section, row.case, agreement, f"{row.fercuda_ms:.2f}"]
         peer_ms = [row.peers_ms.get(p) for p in peer_names]
         line += ["-" if t is None else f"{t:.2f}" for t in peer_ms]
         line += ["-" if t is None else f"{t / row.fercuda_ms:.1f}x" for t in peer_ms]
@@ -155,7 +172,7 @@ def main():
         rows += section()
     print(format_table(rows))
     print("kornia: timed on 8 images or a 1/64 crop and scaled by pixel count (an estimate).")
-    if any(row.differing for row in rows):
+    if any(row.differing for row in rows) or any(row.max_error is not None and row.max_error > 1e-4 for row in rows):
         raise SystemExit("fercuda compare: some outputs differ from their reference")
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fercuda.ops import dwconv_bn_relu6
 
 # (N, C, H, W) of the network's depthwise blocks, reduced in N to keep the table quick.
-SECTION_CASES = [(8, 128, 48, 48), (8, 256, 24, 24), (8, 728, 6, 6)]
+SECTION_CASES = [(64, 128, 48, 48), (64, 256, 24, 24), (64, 728, 6, 6)]
 
 
 def block_inputs(shape, dtype=torch.float32, channels_last=False, seed=0, device="cpu"):
