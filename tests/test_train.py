@@ -135,7 +135,12 @@ def test_predict_on_faces(trained_run, small_fer, tmp_path):
         assert json.loads((tmp_path / "scene.json").read_text())[0]["faces"][0]["box"] == [0, 0, 320, 240]
     else:
         cli.main(predict_scene)
-        for f in json.loads((tmp_path / "scene.json").read_text())[0]["faces"]:
+        found = json.loads((tmp_path / "scene.json").read_text())[0]["faces"]
+        assert found, "the Haar cascade found no face in the scene"
+        for f in found:
+            x, y, w, h = f["box"]
+            # The face was pasted at rows 40..232, columns 60..252.
+            assert 60 <= x + w / 2 <= 252 and 40 <= y + h / 2 <= 232, f["box"]
             assert f["label"] in classes
     assert cv2.imread(str(tmp_path / "scene_out.jpg")) is not None
 
