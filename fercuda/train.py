@@ -252,6 +252,27 @@ def plot_confusion(report: dict, path: Path, title: str) -> None:
 
 
 # ---------------------------------------------------------------------------- one training run
+def sharpness(images: torch.Tensor, sample: int = 2000) -> float:
+    """Mean |Laplacian| of up to `sample` uint8 faces (N, 1, H, W), evenly spaced."""
+    if len(images) == 0:
+        return float("nan")
+    pick = images[torch.linspace(0, len(images) - 1, min(sample, len(images))).long()].float()
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    return torch.nn.functional.conv2d(pick, kernel).abs().mean().item()
+
+
+def warn_if_splits_differ(data, train_idx, eval_idx, eval_name: str, dist) -> None:
+    """Training and evaluation images of one data set should look alike. A copy whose training
+    images were blurred (or re-encoded far more coarsely) than its test images trains a network
+    for a different input than it is scored on, and its Canny channel changes most of all."""
+    a = sharpness(data.images[torch.as_tensor(train_idx)])
+    b = sharpness(data.images[torch.as_tensor(eval_idx)])
+    if a > 0 and b > 0 and max(a / b, b / a) > 3:
+        log(dist, f"warning: the Training images are {'blurrier' if a < b else 'sharper'} than the {eval_name} "
+                  f"images (mean |Laplacian| {a:.1f} against {b:.1f}); accuracy on {eval_name} will suffer "
+                  "from the difference, not only from the model. Check the data set's copy.")
+
+
 def build_model(num_classes: int, width_mult: float, fused: bool, device) -> FERNet:
     return FERNet(num_classes=num_classes, width_mult=width_mult, fused=fused).to(device)
 
@@ -517,6 +538,7 @@ def run(args: argparse.Namespace) -> dict:
                 n_val = max(1, len(perm) // 10)
                 val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
             train_idx = limited(train_idx)
+            warn_if_splits_differ(data, train_idx, test_idx, "test", dist)
             r = train_unit(args, dist, data, out / "official", train_idx, val_idx, test_idx,
                            "PrivateTest" if "PrivateTest" in data.splits else "Test", start_time)
             summary = {**r, "info": info}

@@ -184,3 +184,19 @@ def test_kfold_reports_mean_and_std(small_fer, tmp_path):
     assert summary["std_accuracy"] == pytest.approx(np.std(summary["fold_accuracies"]))
     tested = sum(json.loads((out / f"fold_{f:02d}" / "results.json").read_text())["test_images"] for f in range(2))
     assert tested == 7 * (PER_CLASS_TRAIN + 2 * PER_CLASS_TEST)  # every image is tested exactly once
+
+
+def test_warns_when_training_images_are_blurrier_than_test_images(capsys):
+    from types import SimpleNamespace
+
+    from fercuda.train import warn_if_splits_differ
+
+    gen = torch.Generator().manual_seed(0)
+    sharp = torch.randint(0, 256, (20, 1, 48, 48), dtype=torch.uint8, generator=gen)
+    blurred = torch.nn.functional.avg_pool2d(sharp.float(), 7, 1, 3).round().to(torch.uint8)
+    data = SimpleNamespace(images=torch.cat([blurred, sharp]))
+    dist = SimpleNamespace(main=True)
+    warn_if_splits_differ(data, np.arange(20), np.arange(20, 40), "test", dist)
+    assert "Training images are blurrier than the test images" in capsys.readouterr().out
+    warn_if_splits_differ(data, np.arange(20), np.arange(20), "test", dist)
+    assert capsys.readouterr().out == ""
