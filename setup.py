@@ -148,6 +148,15 @@ def extension():
     )
 
 
+class PersistentBuildExtension(BuildExtension.with_options(use_ninja=True)):
+    """Objects in ./build/temp, also for `pip install -e .` (which would otherwise build in a fresh
+    temporary folder), so ninja recompiles only what changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
 def write_build_info():
     """fercuda/_build_info.py: what this build holds, for tests and error messages."""
     text = (
@@ -173,5 +182,5 @@ print(
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": PersistentBuildExtension},
 )

@@ -29,9 +29,9 @@ class Row:
     case: str
     reference: str  # what "differing" counts against
     differing: int | None  # elements of fercuda's output that differ from the reference
-    max_error: float | None = None  # for floating-point outputs: largest |fercuda - reference|
     fercuda_ms: float
     peers_ms: dict[str, float | None] = field(default_factory=dict)  # None: peer not available
+    max_error: float | None = None  # for floating-point outputs: largest |fercuda - reference|
 
 
 def median_ms(fn, repeat=5, budget_s=2.0):
