@@ -37,6 +37,31 @@ _OP = "dwconv_bn_relu6"
 
 
 @triton.jit
+def _block_nchw_index(total, C, H, W, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
+    """This program's BLOCK flat indices into an (N, C, H, W) tensor stored NCHW or channels_last,
+    split into (n, c, h, w), and the mask of those inside it."""
+    if INDEX_64:
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if CHANNELS_LAST:
+        c = i % C
+        t = i // C
+        w = t % W
+        t = t // W
+        h = t % H
+        n = t // H
+    else:
+        w = i % W
+        t = i // W
+        h = t % H
+        t = t // H
+        c = t % C
+        n = t // C
+    return i, i < total, n, c, h, w
+
+
+@triton.jit
 def _load_taps(x_ptr, n, c, ho, wo, mask, H, W, sxn, sxc, sxh, sxw, STRIDE: tl.constexpr, PAD: tl.constexpr):
     """The 3x3 input window of each output position in a 2-D tile, as [P, C, 16] float32
     (taps 9..15 and out-of-image taps are zero)."""
@@ -58,25 +83,7 @@ def _dwconv_bn_relu6_apply_kernel(
     """y = relu6(conv(x) * scale + shift) over BLOCK outputs in the output's memory order.
     FROM_RUNNING: scale/shift folded here from (bn_weight, bn_bias, running_mean, running_var,
     bias); otherwise p0/p1 hold them (training pass 2). INDEX_64: offsets may pass 2**31."""
-    if INDEX_64:
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < total
-    if CHANNELS_LAST:
-        c = i % C
-        t = i // C
-        wo = t % WO
-        t = t // WO
-        ho = t % HO
-        n = t // HO
-    else:
-        wo = i % WO
-        t = i // WO
-        ho = t % HO
-        t = t // HO
-        c = t % C
-        n = t // C
+    i, mask, n, c, ho, wo = _block_nchw_index(total, C, HO, WO, CHANNELS_LAST, BLOCK, INDEX_64)
     base = n * sxn + c * sxc
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for kh in tl.static_range(3):
@@ -207,25 +214,7 @@ def _dwconv_grad_input_kernel(
     INDEX_64: tl.constexpr,
 ):
     """grad_x = transposed depthwise conv of gz, BLOCK input elements in x's memory order."""
-    if INDEX_64:
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < total
-    if CHANNELS_LAST:
-        c = i % C
-        t = i // C
-        wi = t % W
-        t = t // W
-        hi = t % H
-        n = t // H
-    else:
-        wi = i % W
-        t = i // W
-        hi = t % H
-        t = t // H
-        c = t % C
-        n = t // C
+    i, mask, n, c, hi, wi = _block_nchw_index(total, C, H, W, CHANNELS_LAST, BLOCK, INDEX_64)
     base = n * syn + c * syc
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for kh in tl.static_range(3):
