@@ -131,11 +131,6 @@ FERCUDA_SIMD void gather_plane(const T* __restrict src, const int32_t* __restric
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[index[i]]);
 }
 
-template <typename T>
-FERCUDA_SIMD void relu6_inplace(T* __restrict z, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) z[i] = dwconv::relu6(z[i]);
-}
-
 // Floating-point sums do not vectorize unless reordered; kLanes independent partial sums,
 // combined in a fixed order at the end, let the compiler use full vectors and keep the
 // result deterministic.
@@ -175,27 +170,90 @@ FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, const T* __restrict valid,
   m2 = combine_lanes(acc2, tail);
 }
 
-// channels_last: one output row z[ox][c] (shift[c] + 3x3 window) from three input rows
-// (W, C) of the accumulation type; a null row is zero padding.
+// channels_last: one output row (shift[c] + 3x3 window, then ReLU6 when kRelu6) written
+// straight to out[ox][c], from three input rows (W, C) of the accumulation type; a null
+// row is zero padding. Channels go in blocks of kClVecs vectors held in registers across all
+// nine taps, so each output is stored once and never re-read;
+// the taps are summed in a fixed order (ky, then kx).
+
+// 32-byte vectors (one AVX2 register; two SSE registers in the default clone).
 template <typename T>
-FERCUDA_SIMD void conv_row_cl(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
-                              int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
-                              T* __restrict z) {
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kVecLen = 32 / sizeof(T);
+// Always inlined, so no vector ever crosses a call boundary (the -Wpsabi note about
+// AVX vectors in the default clone's ABI does not apply).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename T>
+__attribute__((always_inline)) inline Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+__attribute__((always_inline)) inline void store_vec(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+constexpr int kClVecs = 4;
+template <typename T>
+constexpr int64_t kClBlockOf = kClVecs * kVecLen<T>;
+
+template <typename T, bool kRelu6>
+FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
+                                    int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
+                                    T* __restrict out) {
+  constexpr int64_t kClBlock = kClBlockOf<T>;
   for (int64_t ox = 0; ox < w_out; ++ox) {
-    T* __restrict zo = z + ox * channels;
-    for (int64_t c = 0; c < channels; ++c) zo[c] = shift[c];
+    const T* xs[kTaps];
+    const T* ws[kTaps];
+    int n_taps = 0;
     for (int ky = 0; ky < 3; ++ky) {
       if (rows[ky] == nullptr) continue;
       for (int kx = 0; kx < 3; ++kx) {
         const int64_t ix = ox * stride - padding + kx;
         if (ix < 0 || ix >= width) continue;
-        const T* __restrict xi = rows[ky] + ix * channels;
-        const T* __restrict wt = w9c + (ky * 3 + kx) * channels;
-        for (int64_t c = 0; c < channels; ++c) zo[c] += xi[c] * wt[c];
+        xs[n_taps] = rows[ky] + ix * channels;
+        ws[n_taps] = w9c + (ky * 3 + kx) * channels;
+        ++n_taps;
       }
+    }
+    T* __restrict zo = out + ox * channels;
+    int64_t c0 = 0;
+    for (; c0 + kClBlock <= channels; c0 += kClBlock) {
+      Vec<T> acc[kClVecs];
+      for (int v = 0; v < kClVecs; ++v) acc[v] = load_vec(shift + c0 + v * kVecLen<T>);
+      for (int t = 0; t < n_taps; ++t)
+        for (int v = 0; v < kClVecs; ++v)
+          acc[v] += load_vec(xs[t] + c0 + v * kVecLen<T>) * load_vec(ws[t] + c0 + v * kVecLen<T>);
+      for (int v = 0; v < kClVecs; ++v) {
+        Vec<T> a = acc[v];
+        if constexpr (kRelu6) {
+          // relu6 lane by lane, as dwconv::relu6 (NaN propagates).
+          const Vec<T> zero = Vec<T>{}, six = zero + T(6);
+          a = a < zero ? zero : (a > six ? six : a);
+        }
+        store_vec(zo + c0 + v * kVecLen<T>, a);
+      }
+    }
+    for (; c0 < channels; ++c0) {
+      T acc = shift[c0];
+      for (int t = 0; t < n_taps; ++t) acc += xs[t][c0] * ws[t][c0];
+      zo[c0] = kRelu6 ? dwconv::relu6(acc) : acc;
     }
   }
 }
+#pragma GCC diagnostic pop
 
 // channels_last: per-channel mean and M2 over the w_out pixels of one row z[ox][c].
 template <typename T>
@@ -383,7 +441,7 @@ void for_each_conv_row_cl(const at::Tensor& x, const T* w9c, const T* shift, con
       const int64_t n = r / g.h_out, oy = r % g.h_out;
       const T* rows[3];
       rows_under(xd + n * g.h * g.w * g.c, g, oy, buf, rows);
-      conv_row_cl(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z.data());
+      conv_row_cl_fused<T, false>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z.data());
       fn(r, z.data());
     }
   });
@@ -393,15 +451,24 @@ template <typename scalar_t, typename T>
 void affine_relu6_cl(const at::Tensor& x, const T* w9c, const T* shift, const Geometry& g, at::Tensor& y) {
   scalar_t* yd = y.mutable_data_ptr<scalar_t>();
   const int64_t row_out = g.w_out * g.c;
-  for_each_conv_row_cl<scalar_t, T>(x, w9c, shift, g, [&](int64_t r, T* z) {
-    scalar_t* out = yd + r * row_out;
-    if constexpr (std::is_same_v<scalar_t, T>) {
-      relu6_inplace(z, row_out);
-      std::memcpy(out, z, row_out * sizeof(T));
-    } else {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    // The output row is written once, straight from registers: no z row, no second pass.
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, g.n * g.h_out, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf;
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / g.h_out, oy = r % g.h_out;
+        const T* rows[3];
+        rows_under(xd + n * g.h * g.w * g.c, g, oy, buf, rows);
+        conv_row_cl_fused<T, true>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, yd + r * row_out);
+      }
+    });
+  } else {
+    for_each_conv_row_cl<scalar_t, T>(x, w9c, shift, g, [&](int64_t r, T* z) {
+      scalar_t* out = yd + r * row_out;
       for (int64_t i = 0; i < row_out; ++i) out[i] = static_cast<scalar_t>(dwconv::relu6(z[i]));
-    }
-  });
+    });
+  }
 }
 
 // Folded weights and shift for mean / invstd: (C, 9) and (C,) in T.
