@@ -131,6 +131,35 @@ FERCUDA_SIMD void gather_plane(const T* __restrict src, const int32_t* __restric
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[index[i]]);
 }
 
+// 32-byte vectors (one AVX2 register; two SSE registers in the default clone).
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kVecLen = 32 / sizeof(T);
+// Always inlined, so no vector ever crosses a call boundary (the -Wpsabi note about
+// AVX vectors in the default clone's ABI does not apply).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename T>
+__attribute__((always_inline)) inline Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+__attribute__((always_inline)) inline void store_vec(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 // Floating-point sums do not vectorize unless reordered; kLanes independent partial sums,
 // combined in a fixed order at the end, let the compiler use full vectors and keep the
 // result deterministic.
@@ -176,35 +205,6 @@ FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, const T* __restrict valid,
 // nine taps, so each output is stored once and never re-read;
 // the taps are summed in a fixed order (ky, then kx).
 
-// 32-byte vectors (one AVX2 register; two SSE registers in the default clone).
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename T>
-using Vec = typename VecOf<T>::type;
-template <typename T>
-constexpr int64_t kVecLen = 32 / sizeof(T);
-// Always inlined, so no vector ever crosses a call boundary (the -Wpsabi note about
-// AVX vectors in the default clone's ABI does not apply).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-template <typename T>
-__attribute__((always_inline)) inline Vec<T> load_vec(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-__attribute__((always_inline)) inline void store_vec(T* p, Vec<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 constexpr int kClVecs = 4;
 template <typename T>
 constexpr int64_t kClBlockOf = kClVecs * kVecLen<T>;
@@ -253,7 +253,6 @@ FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64
     }
   }
 }
-#pragma GCC diagnostic pop
 
 // channels_last: per-channel mean and M2 over the w_out pixels of one row z[ox][c].
 template <typename T>
@@ -317,6 +316,24 @@ FERCUDA_SIMD T sum_of(const T* __restrict v, int64_t n) {
 template <typename T>
 FERCUDA_SIMD void grad_weight_wide(const T* __restrict xp, int64_t wp, const T* __restrict gz, int64_t stride,
                                    int64_t len, T* __restrict gw) {
+  if (stride == 1) {
+    // All nine taps in one sweep, one vector accumulator each: gz is read once, and the
+    // network's small planes (a few vectors long) pay one loop instead of nine.
+    constexpr int64_t kV = kVecLen<T>;
+    Vec<T> acc[kTaps] = {};
+    for (int64_t k = 0; k < len; k += kV) {  // len is a multiple of kLanes
+      const Vec<T> gv = load_vec(gz + k);
+      for (int t = 0; t < kTaps; ++t) acc[t] += gv * load_vec(xp + (t / 3) * wp + (t % 3) + k);
+    }
+    for (int t = 0; t < kTaps; ++t) {
+      T lanes[kV];
+      store_vec(lanes, acc[t]);
+      for (int64_t half = kV / 2; half >= 1; half /= 2)
+        for (int64_t j = 0; j < half; ++j) lanes[j] += lanes[j + half];
+      gw[t] = lanes[0];
+    }
+    return;
+  }
   for (int t = 0; t < kTaps; ++t) {
     const T* r = xp + (t / 3) * wp + (t % 3);
     T acc[kLanes] = {};
@@ -349,6 +366,8 @@ FERCUDA_SIMD void grad_input_wide(const T* __restrict gz, const T* __restrict w,
     }
   }
 }
+
+#pragma GCC diagnostic pop
 
 // ---- Plane / row drivers ------------------------------------------------------------
 
