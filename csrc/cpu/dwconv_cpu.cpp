@@ -367,6 +367,20 @@ FERCUDA_SIMD void grad_input_wide(const T* __restrict gz, const T* __restrict w,
   }
 }
 
+// Stride 1, as a gather: gxp[p] = sum over taps of w[t] * gz[p - offset(t)], one sweep
+// writing each entry of the padded plane once (no zeroing, no nine read-modify-write
+// passes). gz must be readable, and zero, from gz - (2 * wp + 2) to gz + len_padded + kV.
+template <typename T>
+FERCUDA_SIMD void grad_input_gather_wide(const T* __restrict gz, const T* __restrict w, int64_t wp,
+                                         int64_t len_padded, T* __restrict gxp) {
+  constexpr int64_t kV = kVecLen<T>;
+  for (int64_t p = 0; p < len_padded; p += kV) {
+    Vec<T> acc = {};
+    for (int t = 0; t < kTaps; ++t) acc += load_vec(gz + p - (t / 3) * wp - (t % 3)) * w[t];
+    store_vec(gxp + p, acc);
+  }
+}
+
 #pragma GCC diagnostic pop
 
 // ---- Plane / row drivers ------------------------------------------------------------
@@ -756,8 +770,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     }
     // Pass 2: gz, then grad_x (transposed conv) and the grad_weight / grad_bias partials.
     at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> xp = padded_buffer<T>(g), gxp = padded_buffer<T>(g), gwide = padded_buffer<T>(g), z(len),
-                     gz(len);
+      // gz sits behind a zero margin of two padded rows + 2 and before zeros up to the padded
+      // plane's size, for the stride-1 gather (entries past len are never written).
+      const int64_t gz_front = 2 * g.wp() + 2;
+      const int64_t padded_len = (g.hp() * g.wp() + kVecLen<T> - 1) / kVecLen<T> * kVecLen<T>;
+      std::vector<T> xp = padded_buffer<T>(g), gxp(std::max<int64_t>(padded_len, g.hp() * g.wp() + 2 * kLanes)),
+                     gwide = padded_buffer<T>(g), z(len),
+                     gz_buf(gz_front + std::max(len, padded_len) + 2 * kLanes, T(0));
+      T* const gz = gz_buf.data() + gz_front;
       const std::vector<int32_t> interior = plane_index(g.h, g.w, g.wp(), g.padding);
       for (int64_t q = begin; q < end; ++q) {
         const int64_t c = q % g.c;
@@ -765,23 +785,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
         conv_wide(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, len, z.data());
         load_wide_plane(gd + q * plane_out, g, gwide.data());
         T s_ga, s_gx;
-        bn_relu6_grad_wide<T>(z.data(), gwide.data(), len, mu[c], is[c], bw[c], bb[c], coeffs[c], gz.data(), s_ga,
+        bn_relu6_grad_wide<T>(z.data(), gwide.data(), len, mu[c], is[c], bw[c], bb[c], coeffs[c], gz, s_ga,
                               s_gx);
         // Scratch entries: no gradient (training's gz has a constant term there).
         for (int64_t oy = 0; oy + 1 < g.h_out; ++oy)
-          std::fill(gz.begin() + oy * g.wp() + g.w_out, gz.begin() + (oy + 1) * g.wp(), T(0));
-        std::fill(gz.begin() + wide_outputs_end(g), gz.end(), T(0));
+          std::fill(gz + oy * g.wp() + g.w_out, gz + (oy + 1) * g.wp(), T(0));
+        std::fill(gz + wide_outputs_end(g), gz + len, T(0));
         double* slot = part.data() + q * kSlots;
         if (!training) {
           slot[0] = s_ga;
           slot[1] = s_gx;
         }
-        slot[2] = sum_of(gz.data(), len);
+        slot[2] = sum_of(gz, len);
         T gw[kTaps];
-        grad_weight_wide(xp.data(), g.wp(), gz.data(), g.stride, len, gw);
+        grad_weight_wide(xp.data(), g.wp(), gz, g.stride, len, gw);
         for (int t = 0; t < kTaps; ++t) slot[3 + t] = gw[t];
-        std::fill(gxp.begin(), gxp.end(), T(0));
-        grad_input_wide(gz.data(), w + c * kTaps, g.stride, len, g.wp(), gxp.data());
+        if (g.stride == 1) {
+          grad_input_gather_wide(gz, w + c * kTaps, g.wp(), padded_len, gxp.data());
+        } else {
+          std::fill(gxp.begin(), gxp.end(), T(0));
+          grad_input_wide(gz, w + c * kTaps, g.stride, len, g.wp(), gxp.data());
+        }
         gather_plane(gxp.data(), interior.data(), plane_in, gxd + q * plane_in);
       }
     });
