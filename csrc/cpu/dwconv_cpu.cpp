@@ -131,11 +131,35 @@ FERCUDA_SIMD void gather_plane(const T* __restrict src, const int32_t* __restric
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[index[i]]);
 }
 
+// 32-byte vectors (one AVX2 register; two SSE registers in the default clone).
 template <typename T>
-FERCUDA_SIMD void relu6_inplace(T* __restrict z, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) z[i] = dwconv::relu6(z[i]);
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kVecLen = 32 / sizeof(T);
+// Always inlined, so no vector ever crosses a call boundary (the -Wpsabi note about
+// AVX vectors in the default clone's ABI does not apply).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename T>
+__attribute__((always_inline)) inline Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
-
+template <typename T>
+__attribute__((always_inline)) inline void store_vec(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 // Floating-point sums do not vectorize unless reordered; kLanes independent partial sums,
 // combined in a fixed order at the end, let the compiler use full vectors and keep the
 // result deterministic.
@@ -175,24 +199,57 @@ FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, const T* __restrict valid,
   m2 = combine_lanes(acc2, tail);
 }
 
-// channels_last: one output row z[ox][c] (shift[c] + 3x3 window) from three input rows
-// (W, C) of the accumulation type; a null row is zero padding.
+// channels_last: one output row (shift[c] + 3x3 window, then ReLU6 when kRelu6) written
+// straight to out[ox][c], from three input rows (W, C) of the accumulation type; a null
+// row is zero padding. Channels go in blocks of kClVecs vectors held in registers across all
+// nine taps, so each output is stored once and never re-read;
+// the taps are summed in a fixed order (ky, then kx).
+
+constexpr int kClVecs = 4;
 template <typename T>
-FERCUDA_SIMD void conv_row_cl(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
-                              int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
-                              T* __restrict z) {
+constexpr int64_t kClBlockOf = kClVecs * kVecLen<T>;
+
+template <typename T, bool kRelu6>
+FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
+                                    int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
+                                    T* __restrict out) {
+  constexpr int64_t kClBlock = kClBlockOf<T>;
   for (int64_t ox = 0; ox < w_out; ++ox) {
-    T* __restrict zo = z + ox * channels;
-    for (int64_t c = 0; c < channels; ++c) zo[c] = shift[c];
+    const T* xs[kTaps];
+    const T* ws[kTaps];
+    int n_taps = 0;
     for (int ky = 0; ky < 3; ++ky) {
       if (rows[ky] == nullptr) continue;
       for (int kx = 0; kx < 3; ++kx) {
         const int64_t ix = ox * stride - padding + kx;
         if (ix < 0 || ix >= width) continue;
-        const T* __restrict xi = rows[ky] + ix * channels;
-        const T* __restrict wt = w9c + (ky * 3 + kx) * channels;
-        for (int64_t c = 0; c < channels; ++c) zo[c] += xi[c] * wt[c];
+        xs[n_taps] = rows[ky] + ix * channels;
+        ws[n_taps] = w9c + (ky * 3 + kx) * channels;
+        ++n_taps;
       }
+    }
+    T* __restrict zo = out + ox * channels;
+    int64_t c0 = 0;
+    for (; c0 + kClBlock <= channels; c0 += kClBlock) {
+      Vec<T> acc[kClVecs];
+      for (int v = 0; v < kClVecs; ++v) acc[v] = load_vec(shift + c0 + v * kVecLen<T>);
+      for (int t = 0; t < n_taps; ++t)
+        for (int v = 0; v < kClVecs; ++v)
+          acc[v] += load_vec(xs[t] + c0 + v * kVecLen<T>) * load_vec(ws[t] + c0 + v * kVecLen<T>);
+      for (int v = 0; v < kClVecs; ++v) {
+        Vec<T> a = acc[v];
+        if constexpr (kRelu6) {
+          // relu6 lane by lane, as dwconv::relu6 (NaN propagates).
+          const Vec<T> zero = Vec<T>{}, six = zero + T(6);
+          a = a < zero ? zero : (a > six ? six : a);
+        }
+        store_vec(zo + c0 + v * kVecLen<T>, a);
+      }
+    }
+    for (; c0 < channels; ++c0) {
+      T acc = shift[c0];
+      for (int t = 0; t < n_taps; ++t) acc += xs[t][c0] * ws[t][c0];
+      zo[c0] = kRelu6 ? dwconv::relu6(acc) : acc;
     }
   }
 }
@@ -259,6 +316,24 @@ FERCUDA_SIMD T sum_of(const T* __restrict v, int64_t n) {
 template <typename T>
 FERCUDA_SIMD void grad_weight_wide(const T* __restrict xp, int64_t wp, const T* __restrict gz, int64_t stride,
                                    int64_t len, T* __restrict gw) {
+  if (stride == 1) {
+    // All nine taps in one sweep, one vector accumulator each: gz is read once, and the
+    // network's small planes (a few vectors long) pay one loop instead of nine.
+    constexpr int64_t kV = kVecLen<T>;
+    Vec<T> acc[kTaps] = {};
+    for (int64_t k = 0; k < len; k += kV) {  // len is a multiple of kLanes
+      const Vec<T> gv = load_vec(gz + k);
+      for (int t = 0; t < kTaps; ++t) acc[t] += gv * load_vec(xp + (t / 3) * wp + (t % 3) + k);
+    }
+    for (int t = 0; t < kTaps; ++t) {
+      T lanes[kV];
+      store_vec(lanes, acc[t]);
+      for (int64_t half = kV / 2; half >= 1; half /= 2)
+        for (int64_t j = 0; j < half; ++j) lanes[j] += lanes[j + half];
+      gw[t] = lanes[0];
+    }
+    return;
+  }
   for (int t = 0; t < kTaps; ++t) {
     const T* r = xp + (t / 3) * wp + (t % 3);
     T acc[kLanes] = {};
@@ -291,6 +366,22 @@ FERCUDA_SIMD void grad_input_wide(const T* __restrict gz, const T* __restrict w,
     }
   }
 }
+
+// Stride 1, as a gather: gxp[p] = sum over taps of w[t] * gz[p - offset(t)], one sweep
+// writing each entry of the padded plane once (no zeroing, no nine read-modify-write
+// passes). gz must be readable, and zero, from gz - (2 * wp + 2) to gz + len_padded + kV.
+template <typename T>
+FERCUDA_SIMD void grad_input_gather_wide(const T* __restrict gz, const T* __restrict w, int64_t wp,
+                                         int64_t len_padded, T* __restrict gxp) {
+  constexpr int64_t kV = kVecLen<T>;
+  for (int64_t p = 0; p < len_padded; p += kV) {
+    Vec<T> acc = {};
+    for (int t = 0; t < kTaps; ++t) acc += load_vec(gz + p - (t / 3) * wp - (t % 3)) * w[t];
+    store_vec(gxp + p, acc);
+  }
+}
+
+#pragma GCC diagnostic pop
 
 // ---- Plane / row drivers ------------------------------------------------------------
 
@@ -383,7 +474,7 @@ void for_each_conv_row_cl(const at::Tensor& x, const T* w9c, const T* shift, con
       const int64_t n = r / g.h_out, oy = r % g.h_out;
       const T* rows[3];
       rows_under(xd + n * g.h * g.w * g.c, g, oy, buf, rows);
-      conv_row_cl(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z.data());
+      conv_row_cl_fused<T, false>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z.data());
       fn(r, z.data());
     }
   });
@@ -393,15 +484,24 @@ template <typename scalar_t, typename T>
 void affine_relu6_cl(const at::Tensor& x, const T* w9c, const T* shift, const Geometry& g, at::Tensor& y) {
   scalar_t* yd = y.mutable_data_ptr<scalar_t>();
   const int64_t row_out = g.w_out * g.c;
-  for_each_conv_row_cl<scalar_t, T>(x, w9c, shift, g, [&](int64_t r, T* z) {
-    scalar_t* out = yd + r * row_out;
-    if constexpr (std::is_same_v<scalar_t, T>) {
-      relu6_inplace(z, row_out);
-      std::memcpy(out, z, row_out * sizeof(T));
-    } else {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    // The output row is written once, straight from registers: no z row, no second pass.
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, g.n * g.h_out, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf;
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / g.h_out, oy = r % g.h_out;
+        const T* rows[3];
+        rows_under(xd + n * g.h * g.w * g.c, g, oy, buf, rows);
+        conv_row_cl_fused<T, true>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, yd + r * row_out);
+      }
+    });
+  } else {
+    for_each_conv_row_cl<scalar_t, T>(x, w9c, shift, g, [&](int64_t r, T* z) {
+      scalar_t* out = yd + r * row_out;
       for (int64_t i = 0; i < row_out; ++i) out[i] = static_cast<scalar_t>(dwconv::relu6(z[i]));
-    }
-  });
+    });
+  }
 }
 
 // Folded weights and shift for mean / invstd: (C, 9) and (C,) in T.
@@ -670,8 +770,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     }
     // Pass 2: gz, then grad_x (transposed conv) and the grad_weight / grad_bias partials.
     at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> xp = padded_buffer<T>(g), gxp = padded_buffer<T>(g), gwide = padded_buffer<T>(g), z(len),
-                     gz(len);
+      // gz sits behind a zero margin of two padded rows + 2 and before zeros up to the padded
+      // plane's size, for the stride-1 gather (entries past len are never written).
+      const int64_t gz_front = 2 * g.wp() + 2;
+      const int64_t padded_len = (g.hp() * g.wp() + kVecLen<T> - 1) / kVecLen<T> * kVecLen<T>;
+      std::vector<T> xp = padded_buffer<T>(g), gxp(std::max<int64_t>(padded_len, g.hp() * g.wp() + 2 * kLanes)),
+                     gwide = padded_buffer<T>(g), z(len),
+                     gz_buf(gz_front + std::max(len, padded_len) + 2 * kLanes, T(0));
+      T* const gz = gz_buf.data() + gz_front;
       const std::vector<int32_t> interior = plane_index(g.h, g.w, g.wp(), g.padding);
       for (int64_t q = begin; q < end; ++q) {
         const int64_t c = q % g.c;
@@ -679,23 +785,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
         conv_wide(xp.data(), g.wp(), w + c * kTaps, b[c], g.stride, len, z.data());
         load_wide_plane(gd + q * plane_out, g, gwide.data());
         T s_ga, s_gx;
-        bn_relu6_grad_wide<T>(z.data(), gwide.data(), len, mu[c], is[c], bw[c], bb[c], coeffs[c], gz.data(), s_ga,
+        bn_relu6_grad_wide<T>(z.data(), gwide.data(), len, mu[c], is[c], bw[c], bb[c], coeffs[c], gz, s_ga,
                               s_gx);
         // Scratch entries: no gradient (training's gz has a constant term there).
         for (int64_t oy = 0; oy + 1 < g.h_out; ++oy)
-          std::fill(gz.begin() + oy * g.wp() + g.w_out, gz.begin() + (oy + 1) * g.wp(), T(0));
-        std::fill(gz.begin() + wide_outputs_end(g), gz.end(), T(0));
+          std::fill(gz + oy * g.wp() + g.w_out, gz + (oy + 1) * g.wp(), T(0));
+        std::fill(gz + wide_outputs_end(g), gz + len, T(0));
         double* slot = part.data() + q * kSlots;
         if (!training) {
           slot[0] = s_ga;
           slot[1] = s_gx;
         }
-        slot[2] = sum_of(gz.data(), len);
+        slot[2] = sum_of(gz, len);
         T gw[kTaps];
-        grad_weight_wide(xp.data(), g.wp(), gz.data(), g.stride, len, gw);
+        grad_weight_wide(xp.data(), g.wp(), gz, g.stride, len, gw);
         for (int t = 0; t < kTaps; ++t) slot[3 + t] = gw[t];
-        std::fill(gxp.begin(), gxp.end(), T(0));
-        grad_input_wide(gz.data(), w + c * kTaps, g.stride, len, g.wp(), gxp.data());
+        if (g.stride == 1) {
+          grad_input_gather_wide(gz, w + c * kTaps, g.wp(), padded_len, gxp.data());
+        } else {
+          std::fill(gxp.begin(), gxp.end(), T(0));
+          grad_input_wide(gz, w + c * kTaps, g.stride, len, g.wp(), gxp.data());
+        }
         gather_plane(gxp.data(), interior.data(), plane_in, gxd + q * plane_in);
       }
     });
