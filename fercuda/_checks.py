@@ -92,12 +92,8 @@ def check_gradient_kind(gradient, op):
     )
 
 
-def check_dwconv_channel_arg(op, t, arg, x, channels, allow_float32):
-    _check(
-        t.dim() == 1 and t.shape[0] == channels,
-        lambda: f"fercuda.{op}: argument '{arg}' must have shape (C,) = ({channels},) for x of shape "
-        f"{shape_str(x)}, got {shape_str(t)}",
-    )
+def check_like_x(t, arg, x, op, allow_float32=False):
+    """t on x's device and in x's dtype (or float32 where allowed), as checks.h words it."""
     _check(
         t.device == x.device,
         lambda: f"fercuda.{op}: arguments 'x' and '{arg}' must be on the same device, got {x.device} and {t.device}",
@@ -108,6 +104,15 @@ def check_dwconv_channel_arg(op, t, arg, x, channels, allow_float32):
         lambda: f"fercuda.{op}: argument '{arg}' must be a {dtype_name(x.dtype)}{or_float} tensor like x, "
         f"got {dtype_name(t.dtype)}",
     )
+
+
+def check_dwconv_channel_arg(op, t, arg, x, channels, allow_float32):
+    _check(
+        t.dim() == 1 and t.shape[0] == channels,
+        lambda: f"fercuda.{op}: argument '{arg}' must have shape (C,) = ({channels},) for x of shape "
+        f"{shape_str(x)}, got {shape_str(t)}",
+    )
+    check_like_x(t, arg, x, op, allow_float32)
 
 
 def dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, mean, var, stride, padding,
@@ -130,16 +135,7 @@ def dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, mean, var, stride,
         lambda: f"fercuda.{op}: argument 'weight' must have shape (C, 1, 3, 3) = ({c}, 1, 3, 3) for x of shape "
         f"{shape_str(x)}, got {shape_str(weight)}",
     )
-    _check(
-        weight.device == x.device,
-        lambda: f"fercuda.{op}: arguments 'x' and 'weight' must be on the same device, got {x.device} and "
-        f"{weight.device}",
-    )
-    _check(
-        weight.dtype == x.dtype,
-        lambda: f"fercuda.{op}: argument 'weight' must be a {dtype_name(x.dtype)} tensor like x, got "
-        f"{dtype_name(weight.dtype)}",
-    )
+    check_like_x(weight, "weight", x, op)
     if bias is not None:
         check_dwconv_channel_arg(op, bias, "bias", x, c, False)
     half = x.dtype != torch.float32
@@ -163,16 +159,7 @@ def check_dwconv_grad_out(op, grad_out, x, out):
         lambda: f"fercuda.{op}: argument 'grad_out' must have the output's shape ({out[0]}, {out[1]}, {out[2]}, "
         f"{out[3]}), got {shape_str(grad_out)}",
     )
-    _check(
-        grad_out.device == x.device,
-        lambda: f"fercuda.{op}: arguments 'x' and 'grad_out' must be on the same device, got {x.device} and "
-        f"{grad_out.device}",
-    )
-    _check(
-        grad_out.dtype == x.dtype,
-        lambda: f"fercuda.{op}: argument 'grad_out' must be a {dtype_name(x.dtype)} tensor like x, got "
-        f"{dtype_name(grad_out.dtype)}",
-    )
+    check_like_x(grad_out, "grad_out", x, op)
 
 
 def check_dwconv_batch_stats(op, n, c, h_out, w_out):
