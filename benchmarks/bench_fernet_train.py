@@ -1,7 +1,7 @@
 """Training throughput of FERNet, fused depthwise blocks against plain PyTorch layers, in one run.
 
-    pytest benchmarks/test_fernet_train.py --benchmark-columns=median,rounds
-    FERCUDA_BENCH_DEVICE=cuda pytest benchmarks/test_fernet_train.py
+    python -m pytest benchmarks/bench_fernet_train.py -s --benchmark-columns=median,rounds
+    FERCUDA_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_fernet_train.py -s
 
 One step = augmentation + [canny, x, x] + forward + backward + Adam, batch 64 (the paper's);
 images/s and the fused/plain ratio are printed at the end and stored in extra_info.
