@@ -1,11 +1,15 @@
 """Input validation of fercuda's ops on the Python side, written once: the fake kernels
 (fercuda/_meta.py) and the Triton ops (fercuda/triton/) call these functions. Each mirrors
-csrc/include/fercuda/checks.h message for message and raises RuntimeError, as the C++ kernels do
-(torch._check where shapes are symbolic, under torch.compile).
+csrc/include/fercuda/checks.h message for message and raises the C++ kernels' exception type:
+RuntimeError, ValueError for TORCH_CHECK_VALUE (torch._check / torch._check_value where shapes are
+symbolic, under torch.compile). The public entry point of dwconv_bn_relu6 (fercuda/ops.py) also
+checks here, with TypeError, the Python types its schema would not take or would silently convert.
 """
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 
@@ -16,6 +20,20 @@ def _check(cond, message):
         torch._check(cond, message)
     elif not cond:
         raise RuntimeError(message())
+
+
+def _check_value(cond, message):
+    """_check raising ValueError, as TORCH_CHECK_VALUE does."""
+    if isinstance(cond, torch.SymBool):
+        torch._check_value(cond, message)
+    elif not cond:
+        raise ValueError(message())
+
+
+def cpp_double_str(v):
+    """A double as C++ streams it (precision 6, %g): what the C++ checks print."""
+    return format(float(v), "g")
+
 
 # c10::toString(ScalarType), as the C++ checks print dtypes.
 C10_DTYPE_NAMES = {
@@ -77,6 +95,24 @@ def check_ksize(ksize, op, allow_zero):
         ksize in allowed,
         lambda: f"fercuda.{op}: argument 'ksize' must be {'0 (no blur), ' if allow_zero else ''}3, 5 or 7, got {ksize}",
     )
+
+
+def _type_name(v):
+    return f"{type(v).__module__}.{type(v).__name__}" if type(v).__module__ == "numpy" else type(v).__name__
+
+
+def _is_real_number(v):
+    """A real number: an int or float (numpy's and symbolic ones included) or a 0-D real tensor.
+    Not a bool, which a schema's float would take as 0 or 1, nor a string, which float() would
+    silently convert."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.dtype.is_complex and v.dtype != torch.bool
+    return isinstance(v, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_number_type(v, op, arg, expected):
+    if not _is_real_number(v):
+        raise TypeError(f"fercuda.{op}: argument '{arg}' must be {expected}, got {_type_name(v)}")
 
 
 def check_threshold(v, op, arg):
@@ -151,6 +187,36 @@ def dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, mean, var, stride,
         f"{shape_str(x)} with padding {padding}",
     )
     return n, c, (h + 2 * padding - 3) // stride + 1, (w + 2 * padding - 3) // stride + 1
+
+
+def check_dwconv_eps(op, eps):
+    _check_value(
+        eps > 0.0 and eps < math.inf,  # false for NaN too
+        lambda: f"fercuda.{op}: argument 'eps' must be a finite number > 0, got {cpp_double_str(eps)}",
+    )
+
+
+def check_dwconv_momentum(op, momentum):
+    _check_value(
+        momentum >= 0.0 and momentum <= 1.0,  # false for NaN too
+        lambda: f"fercuda.{op}: argument 'momentum' must be a number in [0, 1], got {cpp_double_str(momentum)}",
+    )
+
+
+def check_dwconv_eps_momentum(op, eps, momentum, training):
+    """eps and momentum of the public entry point, for every backend. momentum None (nn.BatchNorm2d's
+    cumulative average) is accepted where it is unused, training=False."""
+    check_number_type(eps, op, "eps", "a finite number > 0")
+    check_dwconv_eps(op, float(eps))
+    if momentum is None and not training:
+        return
+    if momentum is None:
+        raise TypeError(
+            f"fercuda.{op}: argument 'momentum' must be a number in [0, 1] when training, got None (for "
+            "BatchNorm's cumulative average pass 1 / num_batches_tracked, as fercuda.nn.DWConvBNReLU6 does)"
+        )
+    check_number_type(momentum, op, "momentum", "a number in [0, 1]")
+    check_dwconv_momentum(op, float(momentum))
 
 
 def check_dwconv_grad_out(op, grad_out, x, out):

@@ -8,7 +8,9 @@ import torch
 from fercuda._checks import (
     check_dtype,
     check_dwconv_batch_stats,
+    check_dwconv_eps,
     check_dwconv_grad_out,
+    check_dwconv_momentum,
     check_gradient_kind,
     check_image,
     check_ksize,
@@ -86,6 +88,7 @@ def _dwconv_bn_relu6_fake(x, weight, bias, bn_weight, bn_bias, running_mean, run
                           eps=1e-5):
     shape = dwconv_out_shape("dwconv_bn_relu6", x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                               stride, padding)
+    check_dwconv_eps("dwconv_bn_relu6", eps)
     return _dwconv_empty(x, shape)
 
 
@@ -95,6 +98,8 @@ def _dwconv_bn_relu6_train_fake(x, weight, bias, bn_weight, bn_bias, running_mea
     op = "dwconv_bn_relu6_train"
     n, c, h_out, w_out = dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                            stride, padding)
+    check_dwconv_eps(op, eps)
+    check_dwconv_momentum(op, momentum)
     check_dwconv_batch_stats(op, n, c, h_out, w_out)
     stats = x.new_empty((c,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return (

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from fercuda import _build_info
+from fercuda import _build_info, _checks
 from fercuda import _meta  # noqa: F401  (fake kernels for torch.compile)
 
 _CUDA_KERNELS_BUILT = bool(_build_info.WITH_CUDA)
@@ -160,8 +160,10 @@ def dwconv_bn_relu6(
     place as nn.BatchNorm2d does with this momentum (use momentum = 1 / num_batches_tracked
     for BatchNorm's cumulative average). Differentiable in both modes.
 
-    backend: None (the C++ kernel of x's device), "cpu", "cuda" or "triton".
+    backend: None (the C++ kernel of x's device), "cpu", "cuda" or "triton". eps must be finite
+    and > 0, momentum in [0, 1] (or None when training=False, where it is unused).
     """
+    _checks.check_dwconv_eps_momentum("dwconv_bn_relu6", eps, momentum, training)
     if _backend("dwconv_bn_relu6", backend, x) == "triton":
         from fercuda.triton.dwconv import dwconv_bn_relu6 as dwconv_triton
 

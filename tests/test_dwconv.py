@@ -1,6 +1,8 @@
 """fercuda.ops.dwconv_bn_relu6 and fercuda.nn.DWConvBNReLU6 against eager PyTorch in float64."""
 
 import copy
+import math
+import os
 
 import pytest
 import torch
@@ -318,13 +320,13 @@ def test_module_autocast_bfloat16(rng):
 # ---- Bad input: one test each, the kernel and the fake saying the same ---------------
 
 
-def _raises_same(args, match, op=None):
+def _raises_same(args, match, op=None, exc=RuntimeError):
     op = op or OPS.dwconv_bn_relu6
-    with pytest.raises(RuntimeError, match=match) as real:
+    with pytest.raises(exc, match=match) as real:
         op(*args)
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        with pytest.raises(RuntimeError, match=match) as fake_err:
+        with pytest.raises(exc, match=match) as fake_err:
             op(*fake)
     assert str(fake_err.value).splitlines()[0] == str(real.value).splitlines()[0]
 
@@ -410,6 +412,80 @@ def test_bad_grad_out_shape():
     args = [torch.randn(2, 4, 4, 4), x, w, b, bw, bb, rm, rv, 1, 1, False]
     _raises_same(args, r"argument 'grad_out' must have the output's shape \(2, 4, 5, 5\)",
                  OPS.dwconv_bn_relu6_backward)
+
+
+BAD_EPS = [(math.nan, "nan"), (-1e-5, "-1e-05"), (0.0, "0"), (math.inf, "inf"), (-math.inf, "-inf")]
+BAD_MOMENTUM = [(math.nan, "nan"), (-0.1, "-0.1"), (1.5, "1.5"), (math.inf, "inf")]
+
+
+@pytest.mark.parametrize("eps, printed", BAD_EPS, ids=[p for _, p in BAD_EPS])
+def test_bad_eps_in_the_ops(eps, printed):
+    # The C++ kernels and the fakes, called directly: the same ValueError.
+    match = f"argument 'eps' must be a finite number > 0, got {printed}$"
+    _raises_same([*_good()[:-1], eps], "fercuda.dwconv_bn_relu6: " + match, exc=ValueError)
+    args = [*sample_inputs((2, 4, 5, 5)), 1, 1, eps, 0.1]
+    _raises_same(args, "fercuda.dwconv_bn_relu6_train: " + match, OPS.dwconv_bn_relu6_train, exc=ValueError)
+
+
+@pytest.mark.parametrize("momentum, printed", BAD_MOMENTUM, ids=[p for _, p in BAD_MOMENTUM])
+def test_bad_momentum_in_the_train_op(momentum, printed):
+    args = [*sample_inputs((2, 4, 5, 5)), 1, 1, 1e-5, momentum]
+    _raises_same(args, f"fercuda.dwconv_bn_relu6_train: argument 'momentum' must be a number in \\[0, 1\\], got {printed}$",
+                 OPS.dwconv_bn_relu6_train, exc=ValueError)
+
+
+def _backends():
+    return [None, "cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["frozen_bn", "batch_stats"])
+@pytest.mark.parametrize("eps, printed", BAD_EPS, ids=[p for _, p in BAD_EPS])
+def test_bad_eps(eps, printed, training):
+    args = sample_inputs((2, 4, 5, 5))
+    stats = [t.clone() for t in args[5:]]
+    for backend in _backends():
+        with pytest.raises(ValueError, match=f"^fercuda.dwconv_bn_relu6: argument 'eps' must be a finite number > 0, "
+                                             f"got {printed}$"):
+            dwconv_bn_relu6(*args, eps=eps, training=training, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(args[5:], stats))  # refused before any update
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["frozen_bn", "batch_stats"])
+@pytest.mark.parametrize("momentum, printed", BAD_MOMENTUM, ids=[p for _, p in BAD_MOMENTUM])
+def test_bad_momentum(momentum, printed, training):
+    args = sample_inputs((2, 4, 5, 5))
+    stats = [t.clone() for t in args[5:]]
+    for backend in _backends():
+        with pytest.raises(ValueError, match=r"^fercuda.dwconv_bn_relu6: argument 'momentum' must be a number in "
+                                             rf"\[0, 1\], got {printed}$"):
+            dwconv_bn_relu6(*args, momentum=momentum, training=training, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(args[5:], stats))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eps="1e-5"), "argument 'eps' must be a finite number > 0, got str"),
+    (dict(eps=None), "argument 'eps' must be a finite number > 0, got NoneType"),
+    (dict(eps=True), "argument 'eps' must be a finite number > 0, got bool"),
+    (dict(momentum="0.1", training=True), r"argument 'momentum' must be a number in \[0, 1\], got str"),
+    (dict(momentum=True, training=True), r"argument 'momentum' must be a number in \[0, 1\], got bool"),
+    (dict(momentum=None, training=True), r"argument 'momentum' must be a number in \[0, 1\] when training, got None"),
+], ids=["eps_str", "eps_none", "eps_bool", "momentum_str", "momentum_bool", "momentum_none_training"])
+def test_bad_eps_momentum_types(kwargs, message):
+    with pytest.raises(TypeError, match="^fercuda.dwconv_bn_relu6: " + message):
+        dwconv_bn_relu6(*sample_inputs((2, 4, 5, 5)), **kwargs)
+
+
+def test_momentum_bounds_and_none_when_frozen(rng):
+    # momentum 0 and 1 are BatchNorm's own bounds; None is accepted where it is unused (training=False).
+    args = sample_inputs((2, 4, 5, 5), gen=rng)
+    frozen = dwconv_bn_relu6(*args)
+    assert torch.equal(dwconv_bn_relu6(*args, momentum=None), frozen)
+    for momentum in (0.0, 1.0):
+        rm, rv = args[5].clone(), args[6].clone()
+        dwconv_bn_relu6(*args[:5], rm, rv, momentum=momentum, training=True)
+        _, _, ref_rm, ref_rv = eager(*args, 1, True, momentum=momentum)
+        torch.testing.assert_close(rm.double(), ref_rm, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rv.double(), ref_rv, rtol=1e-6, atol=1e-6)
 
 
 def test_empty_batch():

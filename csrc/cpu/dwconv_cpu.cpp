@@ -573,6 +573,7 @@ at::Tensor dwconv_bn_relu6_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   const char* op = "dwconv_bn_relu6";
   const auto out = check_dwconv_args(op, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
                                      padding, "running_mean", "running_var", /*allow_double=*/true);
+  check_dwconv_eps(op, eps);
   const bool cl = is_channels_last(x_in);
   const at::Tensor x = as_layout(x_in, cl);
   at::Tensor y = empty_output(x, out, cl);
@@ -597,6 +598,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   const char* op = "dwconv_bn_relu6_train";
   const auto out = check_dwconv_args(op, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
                                      padding, "running_mean", "running_var", /*allow_double=*/true);
+  check_dwconv_eps(op, eps);
+  check_dwconv_momentum(op, momentum);
   const bool cl = is_channels_last(x_in);
   const at::Tensor x = as_layout(x_in, cl);
   at::Tensor y = empty_output(x, out, cl);

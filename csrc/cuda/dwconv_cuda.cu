@@ -606,6 +606,7 @@ at::Tensor dwconv_bn_relu6_cuda(const at::Tensor& x, const at::Tensor& weight, c
                                 int64_t padding, double eps) {
   check_dwconv_args("dwconv_bn_relu6", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
                     padding);
+  check_dwconv_eps("dwconv_bn_relu6", eps);
   const c10::cuda::CUDAGuard guard(x.device());
   Prepared p = prepare(x, stride, padding);
   at::Tensor y = empty_output(p);
@@ -631,6 +632,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     int64_t padding, double eps, double momentum) {
   const char* op = "dwconv_bn_relu6_train";
   const auto out = check_dwconv_args(op, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding);
+  check_dwconv_eps(op, eps);
+  check_dwconv_momentum(op, momentum);
   const c10::cuda::CUDAGuard guard(x.device());
   Prepared p = prepare(x, stride, padding);
   const int64_t positions = p.n * static_cast<int64_t>(p.g.ho) * p.g.wo;

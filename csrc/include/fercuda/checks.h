@@ -127,6 +127,19 @@ inline std::array<int64_t, 4> check_dwconv_args(const char* op, const at::Tensor
   return {x.size(0), channels, h_out, w_out};
 }
 
+// BatchNorm's eps keeps 1 / sqrt(var + eps) finite where a channel's variance is 0 (a NaN, infinite,
+// zero or negative one does not); a momentum outside [0, 1] extrapolates the running statistics
+// instead of averaging them.
+inline void check_dwconv_eps(const char* op, double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "fercuda.", op,
+                    ": argument 'eps' must be a finite number > 0, got ", eps);
+}
+
+inline void check_dwconv_momentum(const char* op, double momentum) {
+  TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, "fercuda.", op,
+                    ": argument 'momentum' must be a number in [0, 1], got ", momentum);
+}
+
 inline void check_dwconv_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
                                   const std::array<int64_t, 4>& out) {
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == out[0] && grad_out.size(1) == out[1] &&
