@@ -2,8 +2,8 @@
 (fercuda/_meta.py) and the Triton ops (fercuda/triton/) call these functions. Each mirrors
 csrc/include/fercuda/checks.h message for message and raises the C++ kernels' exception type:
 RuntimeError, ValueError for TORCH_CHECK_VALUE (torch._check / torch._check_value where shapes are
-symbolic, under torch.compile). The public entry point of dwconv_bn_relu6 (fercuda/ops.py) also
-checks here, with TypeError, the Python types its schema would not take or would silently convert.
+symbolic, under torch.compile). The public entry points (fercuda/ops.py) also check here, with
+TypeError, the Python types a registered op's schema would not take or would silently convert.
 """
 
 import math
@@ -101,6 +101,34 @@ def _type_name(v):
     return f"{type(v).__module__}.{type(v).__name__}" if type(v).__module__ == "numpy" else type(v).__name__
 
 
+def _image_type_error(dtype, op, arg, given):
+    return TypeError(
+        f"fercuda.{op}: argument '{arg}' must be a torch.Tensor or numpy.ndarray of "
+        f"{str(dtype).removeprefix('torch.')}, got {given}"
+    )
+
+
+def check_image_type(img, dtype, op, arg):
+    """An image argument of the public entry points: a tensor, or a numpy array they convert."""
+    if not isinstance(img, (torch.Tensor, np.ndarray)):
+        raise _image_type_error(dtype, op, arg, _type_name(img))
+
+
+# The numpy dtypes torch.from_numpy converts (in either byte order).
+_TENSOR_NUMPY_DTYPES = frozenset(
+    np.dtype(name)
+    for name in ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
+                 "float16", "float32", "float64", "complex64", "complex128")
+)
+
+
+def check_numpy_dtype(img, dtype, op, arg):
+    """A numpy image of a dtype no tensor has (strings, objects, long double) is refused here; of
+    any other the op's check names a wrong one, as it does a tensor's."""
+    if img.dtype.newbyteorder("=") not in _TENSOR_NUMPY_DTYPES:
+        raise _image_type_error(dtype, op, arg, f"a numpy.ndarray of {img.dtype}")
+
+
 def _is_real_number(v):
     """A real number: an int or float (numpy's and symbolic ones included) or a 0-D real tensor.
     Not a bool, which a schema's float would take as 0 or 1, nor a string, which float() would
@@ -113,6 +141,10 @@ def _is_real_number(v):
 def check_number_type(v, op, arg, expected):
     if not _is_real_number(v):
         raise TypeError(f"fercuda.{op}: argument '{arg}' must be {expected}, got {_type_name(v)}")
+
+
+def check_threshold_type(v, op, arg):
+    check_number_type(v, op, arg, "a number >= 0")
 
 
 def check_threshold(v, op, arg):

@@ -1,12 +1,16 @@
 """Public entry points of fercuda's operators (torch.ops.fercuda.*).
 
 Images are uint8 tensors shaped (H, W), (N, H, W) or (N, 1, H, W), any strides (channels_last
-included); every output has the input's shape and is contiguous. Each function is a thin
-wrapper over its registered op, so torch.compile, export and opcheck see the op itself.
+included); every output has the input's shape and is contiguous. The image ops also take numpy
+arrays, as cv2 users hold them, and then return numpy arrays: the input is viewed with
+torch.from_numpy and the output with .numpy(), no copies (but of an array with negative strides,
+which tensors cannot have). Each function is a thin wrapper over its registered op, so
+torch.compile, export and opcheck see the op itself.
 """
 
 import os
 
+import numpy as np
 import torch
 
 from fercuda import _build_info, _checks
@@ -52,23 +56,51 @@ def _check_device(op, *tensors):
             )
 
 
+def _as_tensor(img, dtype, op, arg):
+    """An image argument as a tensor: a tensor as it is, a numpy array as a tensor sharing its memory
+    (of any dtype tensors have: the op's check then names a wrong one as it would a tensor's)."""
+    _checks.check_image_type(img, dtype, op, arg)
+    if isinstance(img, torch.Tensor):
+        return img
+    _checks.check_numpy_dtype(img, dtype, op, arg)
+    if not img.dtype.isnative or any(s < 0 for s in img.strides):
+        # Tensors have neither a foreign byte order nor negative strides (a flipped view, img[::-1]).
+        img = np.ascontiguousarray(img, dtype=img.dtype.newbyteorder("="))
+    return torch.from_numpy(img)
+
+
+def _as_numpy_if(numpy_in, out):
+    """The op's output (a tensor or a tuple of them), as numpy arrays when the input was one."""
+    if not numpy_in:
+        return out
+    return tuple(t.numpy() for t in out) if isinstance(out, tuple) else out.numpy()
+
+
+def _check_thresholds(op, low, high):
+    _checks.check_threshold_type(low, op, "low")
+    _checks.check_threshold_type(high, op, "high")
+
+
 def gaussian_blur(img: torch.Tensor, ksize: int = 5) -> torch.Tensor:
     """Gaussian blur of uint8 images, equal to ``cv2.GaussianBlur(img, (ksize, ksize), 0)``.
 
     ksize is 3, 5 or 7 (sigma from ksize, as cv2 does for sigma 0); reflect-101 border.
-    Bit-exact with OpenCV's 8-bit fixed-point arithmetic.
+    Bit-exact with OpenCV's 8-bit fixed-point arithmetic. img may be a numpy array (then so is the output).
     """
-    _check_device("gaussian_blur", img)
-    return torch.ops.fercuda.gaussian_blur.default(img, ksize)
+    t = _as_tensor(img, torch.uint8, "gaussian_blur", "img")
+    _check_device("gaussian_blur", t)
+    return _as_numpy_if(t is not img, torch.ops.fercuda.gaussian_blur.default(t, ksize))
 
 
 def sobel(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sobel derivatives (dx, dy) as int16, equal to
     ``cv2.Sobel(img, cv2.CV_16S, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)`` and the same
-    with (0, 1): the gradients cv2.Canny computes internally.
+    with (0, 1): the gradients cv2.Canny computes internally. img may be a numpy array (then so
+    are dx and dy).
     """
-    _check_device("sobel", img)
-    return torch.ops.fercuda.sobel.default(img)
+    t = _as_tensor(img, torch.uint8, "sobel", "img")
+    _check_device("sobel", t)
+    return _as_numpy_if(t is not img, torch.ops.fercuda.sobel.default(t))
 
 
 def paper_gradient(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +109,11 @@ def paper_gradient(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     On the window whose top-left pixel is (r, c), with the row and column beyond the last
     replicated: P = (f[r, c+1] - f[r, c] + f[r+1, c+1] - f[r+1, c]) / 2 (along columns),
     Q = (f[r, c] - f[r+1, c] + f[r, c+1] - f[r+1, c+1]) / 2 (the paper's y axis points up).
+    img may be a numpy array (then so are P and Q).
     """
-    _check_device("paper_gradient", img)
-    return torch.ops.fercuda.paper_gradient.default(img)
+    t = _as_tensor(img, torch.uint8, "paper_gradient", "img")
+    _check_device("paper_gradient", t)
+    return _as_numpy_if(t is not img, torch.ops.fercuda.paper_gradient.default(t))
 
 
 def nms(dx: torch.Tensor, dy: torch.Tensor, low: float, high: float, *, l2_gradient: bool = False) -> torch.Tensor:
@@ -89,17 +123,24 @@ def nms(dx: torch.Tensor, dy: torch.Tensor, low: float, high: float, *, l2_gradi
     ``hysteresis(nms(dx, dy, low, high, l2_gradient=L2))`` equals
     ``cv2.Canny(dx, dy, low, high, L2gradient=L2)`` bit for bit, for any int16 dx, dy.
     Thresholds follow cv2: swapped if low > high, floored (L2: clamped to 32767, squared, floored).
+    dx and dy may be numpy arrays (then so is the output).
     """
-    _check_device("nms", dx, dy)
-    return torch.ops.fercuda.nms.default(dx, dy, float(low), float(high), bool(l2_gradient))
+    tx = _as_tensor(dx, torch.int16, "nms", "dx")
+    ty = _as_tensor(dy, torch.int16, "nms", "dy")
+    _check_thresholds("nms", low, high)
+    _check_device("nms", tx, ty)
+    out = torch.ops.fercuda.nms.default(tx, ty, float(low), float(high), bool(l2_gradient))
+    return _as_numpy_if(tx is not dx or ty is not dy, out)
 
 
 def hysteresis(edge_map: torch.Tensor) -> torch.Tensor:
     """Hysteresis over an ``nms`` map: 255 for strong pixels and every weak pixel 8-connected
-    to one through weak pixels, 0 elsewhere (uint8), as cv2.Canny's last stage.
+    to one through weak pixels, 0 elsewhere (uint8), as cv2.Canny's last stage. edge_map may be a
+    numpy array (then so is the output).
     """
-    _check_device("hysteresis", edge_map)
-    return torch.ops.fercuda.hysteresis.default(edge_map)
+    t = _as_tensor(edge_map, torch.uint8, "hysteresis", "edge_map")
+    _check_device("hysteresis", t)
+    return _as_numpy_if(t is not edge_map, torch.ops.fercuda.hysteresis.default(t))
 
 
 def canny(
@@ -119,15 +160,19 @@ def canny(
     gradient="paper" replaces Sobel by the paper's 2x2 differences: edges equal
     ``cv2.Canny(2 * P, -2 * Q, 2 * low, 2 * high)`` with (P, Q) = paper_gradient(blurred image).
 
-    backend: None (the C++ kernel of img's device), "cpu", "cuda" or "triton"; every backend
-    returns the same pixels.
+    img may be a numpy array (then so is the output). backend: None (the C++ kernel of img's
+    device), "cpu", "cuda" or "triton"; every backend returns the same pixels.
     """
-    if _backend("canny", backend, img) == "triton":
+    t = _as_tensor(img, torch.uint8, "canny", "img")
+    _check_thresholds("canny", low, high)
+    if _backend("canny", backend, t) == "triton":
         from fercuda.triton.canny import canny as canny_triton
 
-        return canny_triton(img, low, high, ksize=ksize, l2_gradient=l2_gradient, gradient=gradient)
-    _check_device("canny", img)
-    return torch.ops.fercuda.canny.default(img, float(low), float(high), ksize, bool(l2_gradient), gradient)
+        out = canny_triton(t, float(low), float(high), ksize=ksize, l2_gradient=l2_gradient, gradient=gradient)
+        return _as_numpy_if(t is not img, out)
+    _check_device("canny", t)
+    out = torch.ops.fercuda.canny.default(t, float(low), float(high), ksize, bool(l2_gradient), gradient)
+    return _as_numpy_if(t is not img, out)
 
 
 # ==== Fused depthwise 3x3 conv + BatchNorm + ReLU6 ====================================

@@ -6,6 +6,7 @@ FER2013 photographs, alone, tiled and upscaled.
 """
 
 import math
+import os
 
 import cv2
 import numpy as np
@@ -316,6 +317,108 @@ def test_noncontiguous(rng, layout):
     assert torch.equal(ops.hysteresis(edge_map.transpose(-1, -2)), ops.hysteresis(edge_map.transpose(-1, -2).contiguous()))
 
 
+# ---- numpy arrays, as cv2 users hold them --------------------------------------------------
+
+
+def numpy_images(rng, layout):
+    """uint8 numpy images: one, a batch, column slices (img[:, ::2]), and flipped rows (negative strides)."""
+    return {
+        "2d": noise(rng, 37, 53).numpy(),
+        "batch": noise(rng, 3, 37, 53).numpy(),
+        "column_slice": noise(rng, 37, 106).numpy()[:, ::2],
+        "batch_column_slice": noise(rng, 3, 37, 106).numpy()[:, :, ::2],
+        "flipped": noise(rng, 37, 53).numpy()[::-1],
+    }[layout]
+
+
+NUMPY_LAYOUTS = ["2d", "batch", "column_slice", "batch_column_slice", "flipped"]
+
+
+def per_image(fn, a):
+    """fn applied by cv2 to each (H, W) image of a, stacked back to a's shape."""
+    images = np.ascontiguousarray(a).reshape(-1, *a.shape[-2:])
+    return np.stack([fn(img) for img in images]).reshape(a.shape)
+
+
+def assert_numpy_equal(out, ref):
+    assert isinstance(out, np.ndarray), type(out)
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
+    assert np.array_equal(out, ref)
+
+
+@pytest.mark.parametrize("layout", NUMPY_LAYOUTS)
+def test_numpy_gaussian_blur_matches_cv2(rng, layout):
+    a = numpy_images(rng, layout)
+    for ksize in (3, 5, 7):
+        assert_numpy_equal(ops.gaussian_blur(a, ksize), per_image(lambda i: cv2.GaussianBlur(i, (ksize, ksize), 0), a))
+
+
+@pytest.mark.parametrize("layout", NUMPY_LAYOUTS)
+def test_numpy_sobel_matches_cv2(rng, layout):
+    a = numpy_images(rng, layout)
+    dx, dy = ops.sobel(a)
+    assert_numpy_equal(dx, per_image(lambda i: cv_sobel(i)[0], a))
+    assert_numpy_equal(dy, per_image(lambda i: cv_sobel(i)[1], a))
+
+
+@pytest.mark.parametrize("layout", NUMPY_LAYOUTS)
+def test_numpy_paper_gradient_matches_reference(rng, layout):
+    a = numpy_images(rng, layout)
+    p, q = ops.paper_gradient(a)
+    ref_p = per_image(lambda i: paper_reference(torch.from_numpy(i))[0].float().numpy(), a)
+    ref_q = per_image(lambda i: paper_reference(torch.from_numpy(i))[1].float().numpy(), a)
+    assert_numpy_equal(p, ref_p)
+    assert_numpy_equal(q, ref_q)
+
+
+@pytest.mark.parametrize("l2", [False, True])
+@pytest.mark.parametrize("layout", NUMPY_LAYOUTS)
+def test_numpy_nms_hysteresis_match_cv2(rng, layout, l2):
+    # int16 gradients as cv2.Sobel returns them, laid out like the image.
+    a = numpy_images(rng, layout)
+    dx = per_image(lambda i: cv_sobel(cv2.GaussianBlur(i, (5, 5), 0))[0], a)
+    dy = per_image(lambda i: cv_sobel(cv2.GaussianBlur(i, (5, 5), 0))[1], a)
+    if layout.endswith("column_slice"):
+        dx, dy = np.repeat(dx, 2, axis=-1)[..., ::2], np.repeat(dy, 2, axis=-1)[..., ::2]
+    edge_map = ops.nms(dx, dy, 20, 60, l2_gradient=l2)
+    assert isinstance(edge_map, np.ndarray) and edge_map.dtype == np.uint8 and edge_map.shape == a.shape
+    assert set(np.unique(edge_map).tolist()) <= {0, 1, 2}
+    ref = np.stack([cv2.Canny(np.ascontiguousarray(x), np.ascontiguousarray(y), 20, 60, L2gradient=l2)
+                    for x, y in zip(dx.reshape(-1, *a.shape[-2:]), dy.reshape(-1, *a.shape[-2:]))]).reshape(a.shape)
+    assert_numpy_equal(ops.hysteresis(edge_map), ref)
+    assert_numpy_equal(ops.hysteresis(edge_map[..., ::-1]), ops.hysteresis(edge_map[..., ::-1].copy()))
+
+
+@pytest.mark.parametrize("l2", [False, True])
+@pytest.mark.parametrize("ksize", [0, 5])
+@pytest.mark.parametrize("layout", NUMPY_LAYOUTS)
+def test_numpy_canny_matches_cv2(rng, layout, ksize, l2):
+    a = numpy_images(rng, layout)
+    assert_numpy_equal(ops.canny(a, 30, 90, ksize=ksize, l2_gradient=l2),
+                       per_image(lambda i: cv_canny(i, 30, 90, ksize, l2), a))
+
+
+def test_numpy_foreign_byte_order(rng):
+    # Big-endian int16 gradients (as read from a file written elsewhere) hold the same numbers.
+    dx, dy = cv_sobel(noise(rng, 30, 40).numpy())
+    ref = cv2.Canny(dx, dy, 20, 60)
+    assert_numpy_equal(ops.hysteresis(ops.nms(dx.astype(">i2"), dy.astype(">i2"), 20, 60)), ref)
+
+
+def test_numpy_output_shares_the_result_memory(rng):
+    # .numpy() of the op's output, not a copy of it: C-contiguous and backed by the tensor.
+    out = ops.canny(noise(rng, 2, 1, 20, 30).numpy())
+    assert out.shape == (2, 1, 20, 30) and out.flags.c_contiguous and isinstance(out.base, torch.Tensor)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_numpy_canny_backend(rng, backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("numpy arrays live on the CPU, where the Triton kernels run only under TRITON_INTERPRET=1")
+    a = numpy_images(rng, "batch_column_slice")[:, :9, :13]
+    assert_numpy_equal(ops.canny(a, 30, 90, backend=backend), per_image(lambda i: cv_canny(i, 30, 90), a))
+
+
 @pytest.mark.parametrize("shape", [(0, 48, 48), (0, 1, 48, 48), (2, 0, 48), (2, 48, 0), (0, 0), (5, 0)])
 def test_empty_inputs(shape):
     img = torch.zeros(shape, dtype=torch.uint8)
@@ -452,6 +555,76 @@ def test_exception_nms_dtype_mismatch(device):
         ops.nms(dx, dx.int(), 10, 20)
     with pytest.raises(RuntimeError, match="fercuda.nms: argument 'dx' must be a Short tensor, got Byte"):
         ops.nms(dx.to(torch.uint8), dx, 10, 20)
+
+
+IMAGE_OPS = ["gaussian_blur", "sobel", "paper_gradient", "hysteresis", "canny"]
+
+
+@pytest.mark.parametrize("dtype, expected", [(np.float32, "Float"), (np.int16, "Short"), (np.bool_, "Bool")])
+def test_exception_numpy_image_dtype(dtype, expected):
+    # The tensor's message: the array is the tensor it views.
+    img = np.zeros((8, 8), dtype=dtype)
+    for name in IMAGE_OPS:
+        with pytest.raises(RuntimeError, match=f"fercuda.{name}: argument '.*' must be a Byte tensor, got {expected}"):
+            getattr(ops, name)(img)
+
+
+def test_exception_numpy_nms_dtype():
+    dx = np.zeros((8, 8), dtype=np.int16)
+    with pytest.raises(RuntimeError, match="fercuda.nms: argument 'dx' must be a Short tensor, got Byte"):
+        ops.nms(dx.astype(np.uint8), dx, 10, 20)
+    with pytest.raises(RuntimeError, match="fercuda.nms: argument 'dy' must be a Short tensor, got Int"):
+        ops.nms(dx, dx.astype(np.int32), 10, 20)
+
+
+@pytest.mark.parametrize("dtype", ["<U1", "object", "longdouble"])
+def test_exception_numpy_dtype_tensors_lack(dtype):
+    img = np.zeros((8, 8), dtype=dtype)
+    with pytest.raises(TypeError, match="fercuda.canny: argument 'img' must be a torch.Tensor or numpy.ndarray of "
+                                        f"uint8, got a numpy.ndarray of {img.dtype}$"):
+        ops.canny(img)
+
+
+@pytest.mark.parametrize("bad, given", [([[0, 1], [2, 3]], "list"), ("img.png", "str"), (True, "bool"),
+                                        (None, "NoneType"), (7, "int")])
+def test_exception_image_not_a_tensor(bad, given):
+    for name in IMAGE_OPS:
+        arg = "edge_map" if name == "hysteresis" else "img"
+        message = f"fercuda.{name}: argument '{arg}' must be a torch.Tensor or numpy.ndarray of uint8, got {given}$"
+        with pytest.raises(TypeError, match=message):
+            getattr(ops, name)(bad)
+    dx = np.zeros((8, 8), dtype=np.int16)
+    with pytest.raises(TypeError, match=f"fercuda.nms: argument 'dx' must be a torch.Tensor or numpy.ndarray of int16, got {given}$"):
+        ops.nms(bad, dx, 10, 20)
+    with pytest.raises(TypeError, match=f"fercuda.nms: argument 'dy' must be a torch.Tensor or numpy.ndarray of int16, got {given}$"):
+        ops.nms(torch.from_numpy(dx), bad, 10, 20)
+
+
+@pytest.mark.parametrize("backend", [None, "cpu", "triton"])
+@pytest.mark.parametrize("bad, given", [("50", "str"), (True, "bool"), (np.True_, "numpy.bool_?"), (None, "NoneType"),
+                                        (50 + 0j, "complex"), (torch.tensor([50.0, 60.0]), "Tensor"),
+                                        (torch.tensor(True), "Tensor")])
+def test_exception_threshold_type(bad, given, backend):
+    img = torch.zeros(8, 8, dtype=torch.uint8)
+    with pytest.raises(TypeError, match=f"fercuda.canny: argument 'low' must be a number >= 0, got {given}$"):
+        ops.canny(img, bad, 150, backend=backend)
+    with pytest.raises(TypeError, match=f"fercuda.canny: argument 'high' must be a number >= 0, got {given}$"):
+        ops.canny(img.numpy(), 50, bad, backend=backend)
+    dx = torch.zeros(8, 8, dtype=torch.int16)
+    with pytest.raises(TypeError, match=f"fercuda.nms: argument 'low' must be a number >= 0, got {given}$"):
+        ops.nms(dx, dx, bad, 150)
+    with pytest.raises(TypeError, match=f"fercuda.nms: argument 'high' must be a number >= 0, got {given}$"):
+        ops.nms(dx, dx, 50, bad)
+
+
+@pytest.mark.parametrize("low, high", [(np.float32(30.5), np.int64(90)), (torch.tensor(30.5), torch.tensor(90)),
+                                       (30.5, np.float64(90.0))])
+def test_threshold_number_types(rng, low, high):
+    # Real numbers of every kind count as the floats they hold.
+    img = noise(rng, 40, 50)
+    assert differing(ops.canny(img, low, high), cv_canny(img.numpy(), 30.5, 90)) == 0
+    dx, dy = ops.sobel(img)
+    assert torch.equal(ops.nms(dx, dy, low, high), ops.nms(dx, dy, 30.5, 90.0))
 
 
 @pytest.mark.skipif(fercuda.cuda_kernels_built(), reason="this build holds CUDA kernels")
