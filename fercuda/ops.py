@@ -123,6 +123,8 @@ def nms(dx: torch.Tensor, dy: torch.Tensor, low: float, high: float, *, l2_gradi
     ``hysteresis(nms(dx, dy, low, high, l2_gradient=L2))`` equals
     ``cv2.Canny(dx, dy, low, high, L2gradient=L2)`` bit for bit, for any int16 dx, dy.
     Thresholds follow cv2: swapped if low > high, floored (L2: clamped to 32767, squared, floored).
+    As cv2 on x86 floors them, an L1 threshold >= 2**31, inf included, becomes INT_MIN: high=inf
+    makes every candidate above low strong, so edges are found where cv2.Canny finds them.
     dx and dy may be numpy arrays (then so is the output).
     """
     tx = _as_tensor(dx, torch.int16, "nms", "dx")
@@ -159,6 +161,8 @@ def canny(
     L2gradient=l2_gradient)``; ksize=0 skips the blur (plain ``cv2.Canny(img, ...)``).
     gradient="paper" replaces Sobel by the paper's 2x2 differences: edges equal
     ``cv2.Canny(2 * P, -2 * Q, 2 * low, 2 * high)`` with (P, Q) = paper_gradient(blurred image).
+    Thresholds follow cv2 as in ``nms``: an L1 threshold >= 2**31, inf included, is floored to
+    INT_MIN as cv2 on x86 floors it, so ``canny(img, 20, inf)`` finds edges, those of cv2.Canny.
 
     img may be a numpy array (then so is the output). backend: None (the C++ kernel of img's
     device), "cpu", "cuda" or "triton"; every backend returns the same pixels.

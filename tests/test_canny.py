@@ -223,6 +223,19 @@ def test_l2_threshold_is_squared_before_flooring(rng):
     assert ops.hysteresis(ops.nms(dx, dy, 30.7, 30.7, l2_gradient=True))[1, 2] == 255
 
 
+def test_infinite_high_threshold_finds_edges_as_cv2(fer_test_images, rng):
+    # cv2 floors an L1 threshold >= 2^31 to INT_MIN (x86 cvtsd2si): high=inf marks every
+    # candidate above low strong, rather than none.
+    picture = fer_picture(fer_test_images, 120, 160, rng)
+    ref = cv_canny(picture, 20, math.inf)
+    assert ref.any() and differing(ops.canny(torch.from_numpy(picture), 20, math.inf), ref) == 0
+    assert differing(ops.canny(picture, 20, math.inf), ref) == 0
+    dx, dy = ops.sobel(torch.from_numpy(cv2.GaussianBlur(picture, (5, 5), 0)))
+    edge_map = ops.nms(dx, dy, 20, math.inf)
+    assert (edge_map == 2).any() and not (edge_map == 1).any()
+    assert differing(ops.hysteresis(edge_map), ref) == 0
+
+
 # ---- nms + hysteresis on arbitrary gradients ---------------------------------------------
 
 
