@@ -1,8 +1,12 @@
 """Autograd of the fused depthwise conv + BatchNorm + ReLU6 ops.
 
 The backward is itself a registered op (fercuda::dwconv_bn_relu6_backward), so
-torch.compile traces it like any other op instead of falling back to eager.
+torch.compile traces it like any other op instead of falling back to eager. The Triton ops
+(fercuda/triton/dwconv.py) share the C++ ops' contract, so the same registration serves them,
+calling their own backward op.
 """
+
+import functools
 
 import torch
 
@@ -25,9 +29,9 @@ def _train_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, save_mean, save_invstd)
 
 
-def _train_backward(ctx, grad_out, *_grad_statistics):
+def _train_backward(backward_op, ctx, grad_out, *_grad_statistics):
     x, weight, bias, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
-    grads = torch.ops.fercuda.dwconv_bn_relu6_backward(
+    grads = backward_op(
         grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, ctx.stride, ctx.padding, True
     )
     # The statistics outputs and the running_mean / running_var inputs are not differentiated.
@@ -41,18 +45,25 @@ def _eval_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
 
 
-def _eval_backward(ctx, grad_out):
+def _eval_backward(backward_op, ctx, grad_out):
     x, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
     # Frozen BatchNorm: the running statistics are constants of the graph.
     mean = running_mean.to(_stats_dtype(running_mean))
     invstd = torch.rsqrt(running_var.to(_stats_dtype(running_var)) + ctx.eps)
-    grads = torch.ops.fercuda.dwconv_bn_relu6_backward(
+    grads = backward_op(
         grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, ctx.stride, ctx.padding, False
     )
     return (*_grads(ctx, grads), None, None, None, None, None)
 
 
-torch.library.register_autograd(
-    "fercuda::dwconv_bn_relu6_train", _train_backward, setup_context=_train_setup_context
-)
-torch.library.register_autograd("fercuda::dwconv_bn_relu6", _eval_backward, setup_context=_eval_setup_context)
+def register_dwconv_autograd(suffix):
+    """Autograd of fercuda::dwconv_bn_relu6{suffix} and _train{suffix}, whose backward is
+    fercuda::dwconv_bn_relu6_backward{suffix}."""
+    backward_op = getattr(torch.ops.fercuda, f"dwconv_bn_relu6_backward{suffix}")
+    torch.library.register_autograd(f"fercuda::dwconv_bn_relu6_train{suffix}",
+                                    functools.partial(_train_backward, backward_op), setup_context=_train_setup_context)
+    torch.library.register_autograd(f"fercuda::dwconv_bn_relu6{suffix}", functools.partial(_eval_backward, backward_op),
+                                    setup_context=_eval_setup_context)
+
+
+register_dwconv_autograd("")

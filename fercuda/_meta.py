@@ -3,6 +3,8 @@
 Validation mirrors csrc/include/fercuda/checks.h, message for message.
 """
 
+import functools
+
 import torch
 
 from fercuda._checks import (
@@ -71,6 +73,8 @@ def _canny_fake(img, low=50.0, high=150.0, ksize=5, l2_gradient=False, gradient=
 
 # ---- Fused depthwise 3x3 conv + BatchNorm + ReLU6 ---------------------------------
 # The checks mirror check_dwconv_args in csrc/include/fercuda/checks.h, message for message.
+# The same fakes serve the Triton ops (register_dwconv_fakes), whose contract is the C++ ops';
+# op names the op in the messages, allow_double as in dwconv_out_shape.
 
 def _dwconv_memory_format(x):
     # Same rule as the kernels: channels_last only when x is not also NCHW-contiguous.
@@ -85,19 +89,18 @@ def _dwconv_empty(x, shape):
 
 @torch.library.register_fake("fercuda::dwconv_bn_relu6")
 def _dwconv_bn_relu6_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1, padding=1,
-                          eps=1e-5):
-    shape = dwconv_out_shape("dwconv_bn_relu6", x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                              stride, padding)
-    check_dwconv_eps("dwconv_bn_relu6", eps)
+                          eps=1e-5, *, op="dwconv_bn_relu6", allow_double=None):
+    shape = dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                             allow_double=allow_double)
+    check_dwconv_eps(op, eps)
     return _dwconv_empty(x, shape)
 
 
 @torch.library.register_fake("fercuda::dwconv_bn_relu6_train")
 def _dwconv_bn_relu6_train_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1,
-                                padding=1, eps=1e-5, momentum=0.1):
-    op = "dwconv_bn_relu6_train"
+                                padding=1, eps=1e-5, momentum=0.1, *, op="dwconv_bn_relu6_train", allow_double=None):
     n, c, h_out, w_out = dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                           stride, padding)
+                                           stride, padding, allow_double=allow_double)
     check_dwconv_eps(op, eps)
     check_dwconv_momentum(op, momentum)
     check_dwconv_batch_stats(op, n, c, h_out, w_out)
@@ -113,10 +116,9 @@ def _dwconv_bn_relu6_train_fake(x, weight, bias, bn_weight, bn_bias, running_mea
 
 @torch.library.register_fake("fercuda::dwconv_bn_relu6_backward")
 def _dwconv_bn_relu6_backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
-                                   training):
-    op = "dwconv_bn_relu6_backward"
+                                   training, *, op="dwconv_bn_relu6_backward", allow_double=None):
     out = dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, "mean",
-                            "invstd")
+                            "invstd", allow_double=allow_double)
     check_dwconv_grad_out(op, grad_out, x, out)
     c = x.shape[1]
     return (
@@ -126,3 +128,13 @@ def _dwconv_bn_relu6_backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias
         bn_weight.new_empty((c,)),
         bn_bias.new_empty((c,)),
     )
+
+
+def register_dwconv_fakes(suffix, allow_double):
+    """The fakes above for the ops fercuda::dwconv_bn_relu6{suffix}, _train{suffix} and
+    _backward{suffix} of another backend: one set of shape rules and checks for every backend."""
+    for name, fake in (("dwconv_bn_relu6", _dwconv_bn_relu6_fake),
+                       ("dwconv_bn_relu6_train", _dwconv_bn_relu6_train_fake),
+                       ("dwconv_bn_relu6_backward", _dwconv_bn_relu6_backward_fake)):
+        torch.library.register_fake(f"fercuda::{name}{suffix}",
+                                    functools.partial(fake, op=name + suffix, allow_double=allow_double))

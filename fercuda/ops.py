@@ -213,20 +213,22 @@ def dwconv_bn_relu6(
     and > 0, momentum in [0, 1] (or None when training=False, where it is unused).
     """
     _checks.check_dwconv_eps_momentum("dwconv_bn_relu6", eps, momentum, training)
+    # The Triton ops have the C++ ops' contract (outputs, no mutation, fakes, autograd): only the op differs.
     if _backend("dwconv_bn_relu6", backend, x) == "triton":
-        from fercuda.triton.dwconv import dwconv_bn_relu6 as dwconv_triton
+        from fercuda.triton import dwconv  # noqa: F401  (registers the Triton ops)
 
-        return dwconv_triton(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-                             padding=padding, eps=eps, momentum=momentum, training=training)
-    _check_device("dwconv_bn_relu6", x)
+        suffix = "_triton"
+    else:
+        _check_device("dwconv_bn_relu6", x)
+        suffix = ""
     if training:
-        out, _, _, new_mean, new_var = torch.ops.fercuda.dwconv_bn_relu6_train(
+        out, _, _, new_mean, new_var = getattr(torch.ops.fercuda, "dwconv_bn_relu6_train" + suffix)(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, eps, momentum
         )
         with torch.no_grad():
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
         return out
-    return torch.ops.fercuda.dwconv_bn_relu6(
+    return getattr(torch.ops.fercuda, "dwconv_bn_relu6" + suffix)(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, eps
     )

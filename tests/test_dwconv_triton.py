@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import fercuda.ops
+
 from dwconv_cases import (
     LOW_PRECISION,
     assert_close_fp32,
@@ -64,8 +66,8 @@ def test_inference_other_padding(padding, rng):
 @pytest.mark.parametrize("stride", (1, 2))
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
 def test_training_forward_and_running_stats_after_two_steps(stride, channels_last, rng):
-    """Batch statistics for the output, running statistics equal to nn.BatchNorm2d's (unbiased
-    variance, momentum) after two steps."""
+    """Batch statistics for the output, new running statistics equal to nn.BatchNorm2d's (unbiased
+    variance, momentum) after two steps, each step feeding the next its returned statistics."""
     c = 3
     bn = nn.BatchNorm2d(c, momentum=0.1, eps=1e-5).double().to(DEVICE)
     inputs = sample_inputs(DEVICE, torch.float32, rng, c=c, channels_last=channels_last)
@@ -79,7 +81,7 @@ def test_training_forward_and_running_stats_after_two_steps(stride, channels_las
         x = sample_inputs(DEVICE, torch.float32, rng, c=c, channels_last=channels_last)[0]
         weight, bias = inputs[1], inputs[2]
         with poisoned_allocations():
-            out, save_mean, save_invstd = torch.ops.fercuda.dwconv_bn_relu6_train_triton(
+            out, save_mean, save_invstd, running_mean, running_var = torch.ops.fercuda.dwconv_bn_relu6_train_triton(
                 x, weight, bias, inputs[3], inputs[4], running_mean, running_var, stride, 1, 1e-5, 0.1)
         z = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), stride, 1, 1, c)
         with torch.no_grad():
@@ -88,8 +90,101 @@ def test_training_forward_and_running_stats_after_two_steps(stride, channels_las
         assert_close_fp32(save_mean, z.mean(dim=(0, 2, 3)))
         assert_close_fp32(save_invstd, torch.rsqrt(z.var(dim=(0, 2, 3), unbiased=False) + 1e-5))
         assert save_mean.dtype == save_invstd.dtype == torch.float32
+        assert running_mean.dtype == running_var.dtype == torch.float32
     assert_close_fp32(running_mean, bn.running_mean)
     assert_close_fp32(running_var, bn.running_var)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stride", (1, 2))
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+def test_training_op_returns_the_cpp_ops_five_outputs_and_mutates_nothing(dtype, stride, channels_last, rng):
+    """One contract: on the same input the Triton and the C++ training ops return the same five
+    outputs, dtypes and layouts (up to the rounding of their different summation orders), and
+    neither writes to its inputs."""
+    bn_dtype = torch.float32 if dtype != torch.float32 else None
+    inputs = sample_inputs("cpu", dtype, rng, channels_last=channels_last, bn_dtype=bn_dtype)
+    args = (*inputs, stride, 1, 1e-5, 0.1)
+    results = {}
+    for name, op in (("cpp", torch.ops.fercuda.dwconv_bn_relu6_train),
+                     ("triton", torch.ops.fercuda.dwconv_bn_relu6_train_triton)):
+        device_inputs = [t.to(DEVICE) if name == "triton" else t.clone() for t in inputs]
+        before = [t.clone() for t in device_inputs]
+        with poisoned_allocations():
+            results[name] = [t.cpu() for t in op(*device_inputs, *args[7:])]
+        for arg, was, now in zip(("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var"),
+                                 before, device_inputs):
+            assert torch.equal(was, now), f"{name} op wrote to its input {arg}"
+    names = ("out", "save_mean", "save_invstd", "new_running_mean", "new_running_var")
+    for what, cpp, tri in zip(names, results["cpp"], results["triton"]):
+        assert tri.shape == cpp.shape and tri.dtype == cpp.dtype, what
+        assert tri.stride() == cpp.stride(), what
+        # float32 sums in different orders; a half-precision out rounds them: one unit apart at most.
+        tol = 1e-5 if tri.dtype == torch.float32 else torch.finfo(tri.dtype).eps
+        torch.testing.assert_close(tri.double(), cpp.double(), rtol=tol, atol=tol * max(1.0, float(cpp.abs().max())),
+                                   msg=what)
+
+
+def test_training_op_empty_batch_matches_cpp():
+    """An empty batch: no statistics; the new running statistics are the old ones."""
+    inputs = sample_inputs("cpu", torch.float32, torch.Generator().manual_seed(3), n=0)
+    cpp = torch.ops.fercuda.dwconv_bn_relu6_train(*inputs)
+    tri = torch.ops.fercuda.dwconv_bn_relu6_train_triton(*[t.to(DEVICE) for t in inputs])
+    assert len(tri) == len(cpp) == 5
+    for a, b in zip(cpp, tri):
+        assert torch.equal(a, b.cpu())
+    assert torch.equal(tri[3].cpu(), inputs[5]) and torch.equal(tri[4].cpu(), inputs[6])
+
+
+@pytest.mark.parametrize("momentum", (0.0, 1.0, 0.25))
+def test_training_op_momentum_matches_cpp(momentum, rng):
+    inputs = sample_inputs("cpu", torch.float32, rng)
+    cpp = torch.ops.fercuda.dwconv_bn_relu6_train(*inputs, 1, 1, 1e-5, momentum)
+    tri = torch.ops.fercuda.dwconv_bn_relu6_train_triton(*[t.to(DEVICE) for t in inputs], 1, 1, 1e-5, momentum)
+    for a, b in zip(cpp[3:], tri[3:]):
+        torch.testing.assert_close(b.cpu(), a)
+    if momentum == 0.0:
+        assert torch.equal(tri[3].cpu(), inputs[5]) and torch.equal(tri[4].cpu(), inputs[6])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(momentum=None), RuntimeError, "Expected a value of type 'float' for argument 'momentum'"),
+        (dict(momentum=1.5), ValueError, r"argument 'momentum' must be a number in \[0, 1\], got 1.5"),
+        (dict(eps=0.0), ValueError, "argument 'eps' must be a finite number > 0, got 0"),
+    ],
+    ids=("momentum_none", "momentum_range", "eps"),
+)
+def test_training_op_refuses_what_the_cpp_op_refuses(kwargs, error, match):
+    inputs = small_args()
+    args = dict(stride=1, padding=1, eps=1e-5, momentum=0.1)
+    args.update(kwargs)
+    for op in (torch.ops.fercuda.dwconv_bn_relu6_train, torch.ops.fercuda.dwconv_bn_relu6_train_triton):
+        with pytest.raises(error, match=match):
+            op(*inputs, **args)
+
+
+@pytest.mark.parametrize("momentum", (0.1, None))
+def test_entry_point_updates_running_stats_as_the_cpp_backend(momentum, rng):
+    """fercuda.ops.dwconv_bn_relu6(training=True, backend="triton") writes the new running
+    statistics into the buffers as the C++ backend does; momentum=None is refused alike."""
+    inputs = sample_inputs("cpu", torch.float32, rng)
+    stats = {}
+    for backend, device in (("cpu", "cpu"), ("triton", DEVICE)):
+        x = [t.to(device) for t in inputs[:5]]
+        rm, rv = inputs[5].clone().to(device), inputs[6].clone().to(device)
+        if momentum is None:
+            with pytest.raises(TypeError, match=r"argument 'momentum' must be a number in \[0, 1\] when training"):
+                fercuda.ops.dwconv_bn_relu6(*x, rm, rv, training=True, momentum=None, backend=backend)
+            assert torch.equal(rm.cpu(), inputs[5]) and torch.equal(rv.cpu(), inputs[6])
+            continue
+        fercuda.ops.dwconv_bn_relu6(*x, rm, rv, training=True, momentum=momentum, backend=backend)
+        stats[backend] = (rm.cpu(), rv.cpu())
+    if momentum is not None:
+        for a, b in zip(stats["cpu"], stats["triton"]):
+            torch.testing.assert_close(b, a)
+        assert not torch.equal(stats["cpu"][0], inputs[5])
 
 
 def grads_float64(inputs, grad_out, *, stride, training):
@@ -133,7 +228,7 @@ def test_gradients_without_conv_bias(rng):
         if leaf is not None:
             assert_close_fp32(leaf.grad, exp, scale=max(1.0, float(expected[0].abs().max())))
     grads = torch.ops.fercuda.dwconv_bn_relu6_backward_triton(
-        grad_out, *inputs[:5], *torch.ops.fercuda.dwconv_bn_relu6_train_triton(*inputs)[1:], 1, 1, True)
+        grad_out, *inputs[:5], *torch.ops.fercuda.dwconv_bn_relu6_train_triton(*inputs)[1:3], 1, 1, True)
     assert grads[2].shape == (3,)
 
 
@@ -175,7 +270,7 @@ def test_opcheck_training():
 
 def test_opcheck_backward():
     x, w, b, bn_w, bn_b, rm, rv = small_args()
-    out, mean, invstd = torch.ops.fercuda.dwconv_bn_relu6_train_triton(x, w, b, bn_w, bn_b, rm, rv)
+    out, mean, invstd, _, _ = torch.ops.fercuda.dwconv_bn_relu6_train_triton(x, w, b, bn_w, bn_b, rm, rv)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(torch.ops.fercuda.dwconv_bn_relu6_backward_triton.default,
                           (grad_out, x, w, b, bn_w, bn_b, mean, invstd, 1, 1, True))

@@ -2,7 +2,8 @@
 
 Ops (schemas mirror the C++ family in csrc/ops.cpp):
   fercuda::dwconv_bn_relu6_triton           inference, one pass (BatchNorm folded into the conv)
-  fercuda::dwconv_bn_relu6_train_triton     training forward, two passes; updates running stats
+  fercuda::dwconv_bn_relu6_train_triton     training forward, two passes; returns the updated running
+                                            statistics (functional, as the C++ op)
   fercuda::dwconv_bn_relu6_backward_triton  backward, three passes
 
 Passes, as in the CUDA kernels: the training forward computes per-channel statistics of the
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fercuda import _checks
+from fercuda import _autograd, _checks, _meta
 
 __all__ = ["dwconv_bn_relu6"]
 
@@ -330,8 +331,10 @@ def dwconv_bn_relu6_triton(
     bn_bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, stride: int = 1,
     padding: int = 1, eps: float = 1e-5,
 ) -> torch.Tensor:
-    _check_args("dwconv_bn_relu6_triton", x, weight, bias, bn_weight, bn_bias, running_mean, "running_mean",
-                running_var, "running_var", stride, padding)
+    op = "dwconv_bn_relu6_triton"
+    _check_args(op, x, weight, bias, bn_weight, bn_bias, running_mean, "running_mean", running_var, "running_var",
+                stride, padding)
+    _checks.check_dwconv_eps(op, eps)
     fmt, channels_last, x_c = _layout(x)
     n, c, h, w = x.shape
     out = torch.empty((n, c, _out_size(h, stride, padding), _out_size(w, stride, padding)), device=x.device,
@@ -344,23 +347,28 @@ def dwconv_bn_relu6_triton(
     return out
 
 
-@torch.library.custom_op("fercuda::dwconv_bn_relu6_train_triton", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("fercuda::dwconv_bn_relu6_train_triton", mutates_args=())
 def dwconv_bn_relu6_train_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: torch.Tensor,
     bn_bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, stride: int = 1,
     padding: int = 1, eps: float = 1e-5, momentum: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_args("dwconv_bn_relu6_train_triton", x, weight, bias, bn_weight, bn_bias, running_mean, "running_mean",
-                running_var, "running_var", stride, padding)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fercuda::dwconv_bn_relu6_train: (out, save_mean, save_invstd, new_running_mean,
+    new_running_var), the running statistics left as they are."""
+    op = "dwconv_bn_relu6_train_triton"
+    _check_args(op, x, weight, bias, bn_weight, bn_bias, running_mean, "running_mean", running_var, "running_var",
+                stride, padding)
+    _checks.check_dwconv_eps(op, eps)
+    _checks.check_dwconv_momentum(op, momentum)
     fmt, channels_last, x_c = _layout(x)
     n, c, h, w = x.shape
     ho, wo = _out_size(h, stride, padding), _out_size(w, stride, padding)
-    positions = n * ho * wo
-    _checks.check_dwconv_batch_stats("dwconv_bn_relu6_train_triton", n, c, ho, wo)
     out = torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     if out.numel() == 0:
-        empty = torch.empty((c,), device=x.device, dtype=torch.float32)
-        return out, empty, empty.clone()
+        # nn.BatchNorm2d leaves the running statistics alone on an empty batch.
+        stats = dict(device=x.device, dtype=torch.float32)
+        return out, torch.zeros((c,), **stats), torch.ones((c,), **stats), running_mean.clone(), running_var.clone()
+    _checks.check_dwconv_batch_stats(op, n, c, ho, wo)
     weight_c = weight.contiguous()
     slots, _ = _reduce(0, x_c, channels_last, weight_c, None, ho, wo, stride, padding)
     # Chan's merge of the per-split (count, mean, M2), in float64 and a fixed order.
@@ -370,13 +378,13 @@ def dwconv_bn_relu6_train_triton(
     m2 = split_m2.sum(0) + (count * (split_mean - mean) ** 2).sum(0)
     invstd = torch.rsqrt(m2 / total + eps)
     mean_z = mean + (bias.double() if bias is not None else 0.0)
-    with torch.no_grad():
-        running_mean.mul_(1.0 - momentum).add_((momentum * mean_z).to(running_mean.dtype))
-        running_var.mul_(1.0 - momentum).add_((momentum * m2 / (total - 1)).to(running_var.dtype))
+    # nn.BatchNorm2d's update, with the unbiased variance, in float64 as the C++ kernels do.
+    new_mean = (running_mean.double() * (1.0 - momentum) + mean_z * momentum).to(running_mean.dtype)
+    new_var = (running_var.double() * (1.0 - momentum) + m2 / (total - 1) * momentum).to(running_var.dtype)
     scale = bn_weight.double() * invstd
     shift = bn_bias.double() - mean * scale
     _apply(x_c, channels_last, weight_c, None, (scale.float(), shift.float()), False, eps, stride, padding, out)
-    return out, mean_z.float(), invstd.float()
+    return out, mean_z.float(), invstd.float(), new_mean, new_var
 
 
 @torch.library.custom_op("fercuda::dwconv_bn_relu6_backward_triton", mutates_args=())
@@ -425,94 +433,16 @@ def dwconv_bn_relu6_backward_triton(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels (shapes and dtypes only) and autograd
+# Fake kernels and autograd: the C++ ops', which the Triton ops' contract is.
 
-
-def _fake_out(x, stride, padding):
-    n, c, h, w = x.shape
-    torch._check(stride in (1, 2), lambda: f"fercuda.dwconv_bn_relu6: argument 'stride' must be 1 or 2, got {stride}")
-    torch._check(padding >= 0, lambda: f"fercuda.dwconv_bn_relu6: argument 'padding' must be >= 0, got {padding}")
-    fmt = _layout_format(x)
-    return x.new_empty((n, c, _out_size(h, stride, padding), _out_size(w, stride, padding))).contiguous(
-        memory_format=fmt)
-
-
-def _layout_format(x):
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-@dwconv_bn_relu6_triton.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1, padding=1, eps=1e-5):
-    return _fake_out(x, stride, padding)
-
-
-@dwconv_bn_relu6_train_triton.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1, padding=1, eps=1e-5, momentum=0.1):
-    c = x.shape[1]
-    return (_fake_out(x, stride, padding), x.new_empty((c,), dtype=torch.float32),
-            x.new_empty((c,), dtype=torch.float32))
-
-
-@dwconv_bn_relu6_backward_triton.register_fake
-def _(grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, training):
-    c = x.shape[1]
-    return (torch.empty_like(x, memory_format=_layout_format(x)), torch.empty_like(weight),
-            weight.new_empty((c,)), torch.empty_like(bn_weight), torch.empty_like(bn_bias))
-
-
-def _inference_setup_context(ctx, inputs, output):
-    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, eps = inputs
-    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
-    ctx.stride, ctx.padding, ctx.eps = stride, padding, eps
-    ctx.has_bias = bias is not None
-
-
-def _inference_backward(ctx, grad_out):
-    x, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
-    invstd = torch.rsqrt(running_var.float() + ctx.eps)
-    gx, gw, gb, gbn_w, gbn_b = torch.ops.fercuda.dwconv_bn_relu6_backward_triton(
-        grad_out.contiguous(memory_format=_layout_format(x)), x, weight, bias, bn_weight, bn_bias,
-        running_mean.float(), invstd, ctx.stride, ctx.padding, False)
-    return gx, gw, gb if ctx.has_bias else None, gbn_w, gbn_b, None, None, None, None, None
-
-
-dwconv_bn_relu6_triton.register_autograd(_inference_backward, setup_context=_inference_setup_context)
-
-
-class _TrainFunction(torch.autograd.Function):
-    """Autograd of the training op: torch.library.register_autograd refuses ops that mutate
-    their inputs (here the running statistics), so the mutating op runs inside this Function,
-    which torch.compile traces through."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, eps, momentum):
-        out, save_mean, save_invstd = torch.ops.fercuda.dwconv_bn_relu6_train_triton(
-            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, eps, momentum)
-        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, save_mean, save_invstd)
-        ctx.stride, ctx.padding = stride, padding
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(save_mean, save_invstd)
-        return out, save_mean, save_invstd
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_invstd):
-        x, weight, bias, bn_weight, bn_bias, save_mean, save_invstd = ctx.saved_tensors
-        gx, gw, gb, gbn_w, gbn_b = torch.ops.fercuda.dwconv_bn_relu6_backward_triton(
-            grad_out.contiguous(memory_format=_layout_format(x)), x, weight, bias, bn_weight, bn_bias, save_mean,
-            save_invstd, ctx.stride, ctx.padding, True)
-        return gx, gw, gb if ctx.has_bias else None, gbn_w, gbn_b, None, None, None, None, None, None
+_meta.register_dwconv_fakes("_triton", allow_double=False)
+_autograd.register_dwconv_autograd("_triton")
 
 
 def dwconv_bn_relu6(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1,
                     eps=1e-5, momentum=0.1, training=False):
-    """relu6(batch_norm(conv2d(x, weight, bias, stride, padding, groups=C))) with Triton kernels.
+    """fercuda.ops.dwconv_bn_relu6 on the Triton kernels (backend="triton")."""
+    from fercuda import ops
 
-    training=False uses the running statistics; training=True normalizes with the batch
-    statistics and updates running_mean / running_var in place as nn.BatchNorm2d does.
-    Differentiable in both modes."""
-    if training:
-        return _TrainFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                                    eps, momentum)[0]
-    return torch.ops.fercuda.dwconv_bn_relu6_triton(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                                    stride, padding, eps)
+    return ops.dwconv_bn_relu6(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                               padding=padding, eps=eps, momentum=momentum, training=training, backend="triton")
