@@ -15,23 +15,19 @@ VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 
 
 def load_model(checkpoint, device, fused: bool = True):
-    """A FERNet and its class names from a checkpoint written by fercuda train."""
-    from fercuda.models import FERNet
+    """A FERNet and its class names from a checkpoint written by fercuda train (a file or a run
+    folder), or the pretrained FERNet shipped with fercuda when checkpoint is None."""
+    from fercuda.models.pretrained import PRETRAINED_FILE, model_from_checkpoint, read_checkpoint
 
-    path = Path(checkpoint)
+    path = PRETRAINED_FILE if checkpoint is None else Path(checkpoint)
     if path.is_dir():  # a run folder: its best model
         candidates = [path / "official" / "best.pt", path / "best.pt", path / "official" / "last.pt", path / "last.pt"]
         found = [c for c in candidates if c.exists()]
         if not found:
             raise FileNotFoundError(f"{path}: no best.pt or last.pt in this run folder")
         path = found[0]
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code from a file
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path}: not a fercuda train checkpoint (expected keys model and model_config)")
-    model = FERNet(**ckpt["model_config"], fused=fused)
-    model.load_state_dict(ckpt["model"])
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path, fused=fused)
     return model.to(device).eval(), list(ckpt["classes"]), path
 
 
@@ -42,7 +38,9 @@ def default_device(arg):
 # ---------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from fercuda.data import load_faces
-    from fercuda.train import classification_report, format_report, plot_confusion, predict_logits, write_json
+    from fercuda.evaluation import classification_report, format_report, predict_logits
+    from fercuda.plots import plot_confusion
+    from fercuda.runfiles import write_json
 
     device = default_device(args.device)
     model, classes, path = load_model(args.checkpoint, device, fused=not args.plain)
@@ -145,19 +143,45 @@ def annotate(frame: np.ndarray, boxes, labels) -> np.ndarray:
     return frame
 
 
+def predict_paths(args, parser=None):
+    """(checkpoint or None, input, output) from `fercuda predict [CHECKPOINT] INPUT [--out OUT]`."""
+    if len(args.paths) > 2:
+        raise SystemExit(f"fercuda predict: expected [CHECKPOINT] INPUT, got {len(args.paths)} paths: {args.paths}")
+    checkpoint, source = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    source = Path(source)
+    out = Path(args.out) if args.out else Path(f"{source.stem}_fercuda{source.suffix}")
+    return checkpoint, source, out
+
+
+def _write_atomically(out: Path, write) -> None:
+    """write(tmp_path) then rename onto out: an error leaves neither a partial file nor a changed out."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def cmd_predict(args) -> int:
     import cv2
 
+    checkpoint, source, out = predict_paths(args)
+    if not source.exists():
+        raise FileNotFoundError(f"input {source} does not exist")
+    if out.resolve() == source.resolve():
+        raise ValueError(f"--out {out}: the same file as the input; choose another name")
     device = default_device(args.device)
-    model, classes, _ = load_model(args.checkpoint, device, fused=not args.plain)
+    model, classes, _ = load_model(checkpoint, device, fused=not args.plain)
     detector, problem = (None, "--whole-image given") if args.whole_image else face_detector(args.cascade)
     if args.cascade and detector is None:
         raise RuntimeError(f"--cascade {args.cascade}: {problem}")
     predictor = FacePredictor(model, classes, device, detector, problem, args.whole_image)
-    source = Path(args.input)
-    if not source.exists():
-        raise FileNotFoundError(f"input {source} does not exist")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     if source.suffix.lower() not in VIDEO_EXTENSIONS:
@@ -172,45 +196,50 @@ def cmd_predict(args) -> int:
         ok, encoded = cv2.imencode(out.suffix or ".png", annotate(image, boxes, labels))
         if not ok:
             raise ValueError(f"--out {out}: OpenCV cannot write images with suffix {out.suffix!r}")
-        encoded.tofile(str(out))
+        _write_atomically(out, lambda tmp: encoded.tofile(str(tmp)))
     else:
         capture = cv2.VideoCapture(str(source))
         if not capture.isOpened():
-            raise ValueError(f"{source}: OpenCV cannot open this video")
-        fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-        writer = None
-        frame_no = 0
-        try:
-            while True:
-                ok, frame = capture.read()
-                if not ok:
-                    break
-                gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-                boxes = predictor.faces(gray)
-                labels = predictor.classify(gray, boxes)
-                annotated = annotate(frame, boxes, labels)
-                if writer is None:
-                    fourcc = cv2.VideoWriter_fourcc(*("mp4v" if out.suffix.lower() in {".mp4", ".m4v", ".mov"} else "MJPG"))
-                    writer = cv2.VideoWriter(str(out), fourcc, fps, (annotated.shape[1], annotated.shape[0]))
-                    if not writer.isOpened():
-                        raise ValueError(f"--out {out}: OpenCV cannot write this video format")
-                writer.write(annotated)
-                results.append({"frame": frame_no, "faces": [{"box": list(b), "label": n, "confidence": c}
-                                                            for b, (n, c) in zip(boxes, labels)]})
-                frame_no += 1
-        finally:
-            capture.release()
-            if writer is not None:
-                writer.release()
-        if frame_no == 0:
-            raise ValueError(f"{source}: no frame could be read")
+            raise ValueError(f"{source}: OpenCV cannot open this video (not a video, or a codec this OpenCV lacks)")
+
+        def write_video(tmp: Path) -> None:
+            fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+            writer = None
+            try:
+                while True:
+                    ok, frame = capture.read()
+                    if not ok:
+                        break
+                    gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+                    boxes = predictor.faces(gray)
+                    labels = predictor.classify(gray, boxes)
+                    annotated = annotate(frame, boxes, labels)
+                    if writer is None:
+                        fourcc = cv2.VideoWriter_fourcc(*("mp4v" if out.suffix.lower() in {".mp4", ".m4v", ".mov"} else "MJPG"))
+                        writer = cv2.VideoWriter(str(tmp), fourcc, fps, (annotated.shape[1], annotated.shape[0]))
+                        if not writer.isOpened():
+                            raise ValueError(f"--out {out}: OpenCV cannot write this video format")
+                    writer.write(annotated)
+                    results.append({"frame": len(results), "faces": [{"box": list(b), "label": n, "confidence": c}
+                                                                     for b, (n, c) in zip(boxes, labels)]})
+            finally:
+                capture.release()
+                if writer is not None:
+                    writer.release()
+            if not results:
+                raise ValueError(f"{source}: no frame could be decoded")
+
+        _write_atomically(out, write_video)
     n_faces = sum(len(r["faces"]) for r in results)
     print(f"{out}: {n_faces} face(s) in {len(results)} frame(s)")
+    if n_faces == 0:
+        print(f"  no face found in {source}; --whole-image classifies the whole frame as one face")
     for r in results[:1] if len(results) > 1 else results:
         for f in r["faces"]:
             print(f"  {f['box']}: {f['label']} ({f['confidence']:.2f})")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        json_out = Path(args.json)
+        _write_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     return 0
 
 
@@ -232,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(sub.add_parser("train", help="train FERNet", description="Train FERNet (Adam, lr 1e-3, batch 64)"))
 
-    def common(p):
-        p.add_argument("checkpoint", help="best.pt / last.pt, or a run folder")
+    def common(p, checkpoint=True):
+        if checkpoint:
+            p.add_argument("checkpoint", nargs="?", default=None,
+                           help="best.pt / last.pt, or a run folder (default: the pretrained FERNet shipped with fercuda)")
         p.add_argument("--device", default=None)
         p.add_argument("--plain", action="store_true", help="plain PyTorch depthwise layers instead of the fused op")
 
@@ -246,10 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="PrivateTest", help="Training, PublicTest, PrivateTest, Test or all")
     p.add_argument("--out", default=None, help="folder for eval.json and confusion.png")
 
-    p = sub.add_parser("predict", help="find faces in an image or video, classify them, write an annotated copy")
-    common(p)
-    p.add_argument("input", help="image or video")
-    p.add_argument("--out", required=True, help="annotated image or video to write")
+    p = sub.add_parser("predict", help="find faces in an image or video, classify them, write an annotated copy",
+                       usage="fercuda predict [CHECKPOINT] INPUT [--out OUT] [options]")
+    common(p, checkpoint=False)
+    p.add_argument("paths", nargs="+", metavar="[CHECKPOINT] INPUT",
+                   help="image or video to classify, after an optional checkpoint (best.pt / last.pt or a run "
+                        "folder; default: the pretrained FERNet shipped with fercuda)")
+    p.add_argument("--out", default=None,
+                   help="annotated image or video to write (default: INPUT's name with _fercuda added, here)")
     p.add_argument("--json", default=None, help="also write the predictions as JSON")
     p.add_argument("--cascade", default=None, help=f"path to {HAAR_CASCADE} (default: OpenCV's bundled one)")
     p.add_argument("--whole-image", action="store_true", help="classify the whole image as one face, no detection")

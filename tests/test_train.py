@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import shutil
 
 import cv2
@@ -186,17 +187,66 @@ def test_kfold_reports_mean_and_std(small_fer, tmp_path):
     assert tested == 7 * (PER_CLASS_TRAIN + 2 * PER_CLASS_TEST)  # every image is tested exactly once
 
 
-def test_warns_when_training_images_are_blurrier_than_test_images(capsys):
+def test_warns_when_training_images_are_blurrier_than_test_images():
     from types import SimpleNamespace
 
-    from fercuda.train import warn_if_splits_differ
+    from fercuda.data.diagnostics import splits_differ_warning
 
     gen = torch.Generator().manual_seed(0)
     sharp = torch.randint(0, 256, (20, 1, 48, 48), dtype=torch.uint8, generator=gen)
     blurred = torch.nn.functional.avg_pool2d(sharp.float(), 7, 1, 3).round().to(torch.uint8)
     data = SimpleNamespace(images=torch.cat([blurred, sharp]))
-    dist = SimpleNamespace(main=True)
-    warn_if_splits_differ(data, np.arange(20), np.arange(20, 40), "test", dist)
-    assert "Training images are blurrier than the test images" in capsys.readouterr().out
-    warn_if_splits_differ(data, np.arange(20), np.arange(20), "test", dist)
-    assert capsys.readouterr().out == ""
+    assert "Training images are blurrier than the test images" in splits_differ_warning(
+        data, np.arange(20), np.arange(20, 40), "test")
+    assert splits_differ_warning(data, np.arange(20), np.arange(20), "test") is None
+
+
+def _torchrun(run_args, log_path):
+    """`torchrun --nproc-per-node 2 -m fercuda.train ...` on the CPU (gloo), in its own process group."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fercuda.train", *run_args]
+    return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def test_ddp_two_processes_agree_write_once_and_resume_after_a_kill(small_fer, tmp_path):
+    import os
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    # train_args() starts with the "train" subcommand, which `python -m fercuda.train` does not take.
+    base = train_args(small_fer, tmp_path / "unused", cache)[1:]
+    out = tmp_path / "ddp"
+    base[base.index("--out") + 1] = str(out)
+    epochs = 3
+    job = _torchrun([*base, "--epochs", str(epochs)], tmp_path / "first.log")
+    last = out / "official" / "last.pt"
+    deadline = time.time() + 600
+    while not last.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job, both ranks and the launcher, mid-run
+    job.wait()
+    killed_after = torch.load(last, weights_only=True)["epoch"]
+    assert 1 <= killed_after < epochs, "the kill came too late to test --resume"
+
+    job = _torchrun(["--resume", str(out), "--no-progress"], tmp_path / "resume.log")
+    assert job.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    log = (tmp_path / "resume.log").read_text()
+    assert f"resuming {out / 'official'} after epoch {killed_after}" in log
+    history = json.loads((out / "official" / "metrics.json").read_text())
+    # Written once: one row per epoch (not one per rank), no temporary files left behind.
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    results = json.loads((out / "official" / "results.json").read_text())
+    assert results["world_size"] == 2
+    # The two replicas hold identical weights at the end (gradients averaged by DDP).
+    assert results["rank_weight_spread"] == 0.0
+    # Each process takes --batch-size images a step: 2 x 16 per step over the 168 training images.
+    assert history[-1]["steps"] == math.ceil(math.ceil(7 * PER_CLASS_TRAIN / 2) / 16)
