@@ -11,7 +11,6 @@ peers, and differing pixels against cv2.Canny on the CPU. gpu_check.sh prints it
 """
 
 import os
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import fercuda  # noqa: E402
+from bench_record import emit, environment  # noqa: E402
+from gpu_cases import CANNY_HIGH, CANNY_LOW, CANNY_PICTURES, FER_COUNT  # noqa: E402
 from fercuda.triton import canny as triton_canny  # noqa: E402
 
 try:
@@ -33,22 +34,8 @@ try:
 except ImportError:  # not installed on every GPU machine
     kornia = None
 
-FER_COUNT = 35887
-LOW, HIGH = 50.0, 150.0
+LOW, HIGH = CANNY_LOW, CANNY_HIGH
 FER2013 = Path(os.environ.get("FERCUDA_FER2013", Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013"))
-
-
-def _environment():
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "gpu": props.name,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": __import__("triton").__version__,
-        "kornia": getattr(kornia, "__version__", None),
-        "cv2": cv2.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _stand_in(n, h, w, gen, cells=None, contrast=55.0, noise=4.0):
@@ -105,9 +92,11 @@ def _sync(fn):
     return run
 
 
-def _record(benchmark, info):
+def _record(benchmark, case, info):
+    """The figures into pytest-benchmark's extra_info, and the row printed and kept at once."""
     benchmark.extra_info.update(info)
-    benchmark.extra_info["environment"] = _environment()
+    benchmark.extra_info["environment"] = environment()
+    emit("canny", case, info["table"], **{k: v for k, v in info.items() if k != "table"})
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +138,11 @@ def test_canny_fer2013_batch(benchmark, fer_batch):
         + (f"kornia {info['kornia_over_cuda_time']:.0f}x slower, " if kornia is not None else "kornia absent, ")
         + f"diff vs cv2: CUDA {info['diff_pixels_cuda_vs_cv2']}, Triton {info['diff_pixels_triton_vs_cv2']}"
     )
-    _record(benchmark, info)
+    _record(benchmark, f"fer_batch_{FER_COUNT}x48x48", info)
     benchmark.pedantic(_sync(ours), rounds=20, warmup_rounds=3)
 
 
-@pytest.mark.parametrize("height, width", [(1080, 1920), (2160, 3840)])
+@pytest.mark.parametrize("height, width", CANNY_PICTURES)
 def test_canny_single_image(benchmark, height, width):
     host = _stand_in(1, height, width, torch.Generator().manual_seed(height))[0]
     img = host.cuda()
@@ -191,7 +180,7 @@ def test_canny_single_image(benchmark, height, width):
         + f"cv2 CPU {info['cv2_cpu_ms']:.2f} ms, diff vs cv2: CUDA {info['diff_pixels_cuda_vs_cv2']}, "
         f"Triton {info['diff_pixels_triton_vs_cv2']}"
     )
-    _record(benchmark, info)
+    _record(benchmark, f"{width}x{height}", info)
     benchmark.pedantic(_sync(ours), rounds=20, warmup_rounds=3)
 
 

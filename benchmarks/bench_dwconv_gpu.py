@@ -3,15 +3,17 @@
 Inference: fercuda's CUDA kernel vs its Triton kernel vs eager PyTorch (conv2d -> batch_norm ->
 relu6) vs torch.compile of the same, with the achieved bandwidth (input + output bytes, each
 counted once) as a fraction of a device-to-device copy's bandwidth measured in the same run.
+torch.compile starts from a reset per case and must compile exactly one graph, never recompiling
+while timed (gpu_cases.compile_block): its column is compiled code, never a silent eager fallback.
 Training: forward + backward (fused CUDA, fused Triton) vs eager autograd.
 
-Times are medians of triton.testing.do_bench (warm-up, then synchronized repetitions). Run:
+Times are medians of triton.testing.do_bench (warm-up, then synchronized repetitions). Each row is
+printed as soon as it is measured (bench_record.emit). Run:
     python -m pytest benchmarks/bench_dwconv_gpu.py --benchmark-only -s
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     pytest.skip("the dwconv GPU benchmarks need a CUDA device", allow_module_level=True)
@@ -20,16 +22,18 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 import fercuda  # noqa: E402,F401  (loads the C++ ops)
+from bench_record import emit  # noqa: E402
+from gpu_cases import (  # noqa: E402
+    DTYPE, LAYOUTS, SHAPE_IDS, SHAPES, assert_still_compiled, compile_block, eager_block, make_inputs)
 from fercuda import _build_info  # noqa: E402
 from fercuda.triton import dwconv as triton_dwconv  # noqa: E402
 
-# (N, C, H, W): the network's depthwise blocks.
-SHAPES = [(64, 128, 48, 48), (64, 256, 24, 24), (64, 512, 12, 12), (64, 1024, 6, 6), (64, 1536, 6, 6)]
-SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
-DTYPE = torch.bfloat16  # activations; BatchNorm parameters and statistics stay float32
-
 if not _build_info.WITH_CUDA:
     pytest.skip("fercuda._C was built without its CUDA kernels", allow_module_level=True)
+
+INFERENCE_HEADER = ("inference bf16      shape            layout  cuda_ms triton_ms eager_ms compile_ms  cuda/copy "
+                    "triton/copy  x_eager x_compile (cuda; triton)")
+TRAINING_HEADER = "training bf16 fwd+bwd shape           layout  cuda_ms triton_ms eager_ms  cuda_x_eager triton_x_eager"
 
 
 def median_ms(fn):
@@ -45,55 +49,20 @@ def copy_gbps():
     return 2 * src.numel() / ms / 1e6
 
 
-def make_inputs(shape, channels_last, requires_grad=False):
-    n, c, h, w = shape
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def randn(*s, dtype=DTYPE, scale=1.0, offset=0.0):
-        return torch.randn(*s, generator=gen, device="cuda", dtype=torch.float32).mul(scale).add(offset).to(dtype)
-
-    x = randn(n, c, h, w)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = randn(c, 1, 3, 3, scale=0.5)
-    bias = randn(c, scale=0.5)
-    bn_weight = randn(c, dtype=torch.float32, scale=0.2, offset=1.0)
-    bn_bias = randn(c, dtype=torch.float32, scale=1.0, offset=2.0)
-    running_mean = randn(c, dtype=torch.float32, scale=0.3)
-    running_var = randn(c, dtype=torch.float32, scale=0.1, offset=1.0).abs()
-    tensors = [x, weight, bias, bn_weight, bn_bias]
-    if requires_grad:
-        tensors = [t.detach().requires_grad_() for t in tensors]
-    return (*tensors, running_mean, running_var)
-
-
-def eager_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training=False):
-    z = F.conv2d(x, weight, bias, 1, 1, 1, x.shape[1])
-    # Under mixed precision BatchNorm takes float32 parameters with low-precision activations.
-    return F.relu6(F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, 0.1, 1e-5))
-
-
-def print_row(capsys, header, row):
-    with capsys.disabled():
-        if not getattr(print_row, "printed_" + header[:8], False):
-            print("\n" + header)
-            setattr(print_row, "printed_" + header[:8], True)
-        print(row)
-
-
-@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=("nchw", "channels_last"))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_inference(benchmark, capsys, copy_gbps, shape, channels_last):
+def test_inference(benchmark, copy_gbps, shape, channels_last):
     inputs = make_inputs(shape, channels_last)
     x = inputs[0]
+    compiled, compile_cache = compile_block(inputs)
     ops = {
         "cuda": lambda: torch.ops.fercuda.dwconv_bn_relu6(*inputs, 1, 1, 1e-5),
         "triton": lambda: torch.ops.fercuda.dwconv_bn_relu6_triton(*inputs, 1, 1, 1e-5),
         "eager": lambda: eager_block(*inputs),
+        "compile": lambda: compiled(*inputs),
     }
-    compiled = torch.compile(eager_block, dynamic=False)
-    ops["compile"] = lambda: compiled(*inputs)
     ms = {name: median_ms(fn) for name, fn in ops.items()}
+    assert_still_compiled()
     out_bytes = x.numel() * x.element_size()  # stride 1, padding 1: same shape
     gbps = (x.numel() * x.element_size() + out_bytes) / ms["cuda"] / 1e6
     gbps_triton = (x.numel() * x.element_size() + out_bytes) / ms["triton"] / 1e6
@@ -108,17 +77,17 @@ def test_inference(benchmark, capsys, copy_gbps, shape, channels_last):
         "cuda_speedup_vs_compile": round(ms["compile"] / ms["cuda"], 2),
         "triton_speedup_vs_eager": round(ms["eager"] / ms["triton"], 2),
         "triton_speedup_vs_compile": round(ms["compile"] / ms["triton"], 2),
+        "compile_cache": compile_cache,
     }
     benchmark.extra_info.update(info)
-    print_row(
-        capsys,
-        "inference bf16      shape            layout  cuda_ms triton_ms eager_ms compile_ms  cuda/copy triton/copy"
-        "  x_eager x_compile (cuda; triton)",
+    emit(
+        "dwconv_inference", f"{'x'.join(map(str, shape))}-{'cl' if channels_last else 'nchw'}",
         f"inference bf16 {'x'.join(map(str, shape)):>20} {'cl' if channels_last else 'nchw':>7} "
         f"{ms['cuda']:8.4f} {ms['triton']:9.4f} {ms['eager']:8.4f} {ms['compile']:10.4f} "
         f"{info['cuda_fraction_of_copy']:10.3f} {info['triton_fraction_of_copy']:11.3f} "
         f"{info['cuda_speedup_vs_eager']:5.2f};{info['triton_speedup_vs_eager']:5.2f} "
         f"{info['cuda_speedup_vs_compile']:5.2f};{info['triton_speedup_vs_compile']:5.2f}",
+        header=INFERENCE_HEADER, **info,
     )
 
     def run_synchronized():
@@ -128,9 +97,9 @@ def test_inference(benchmark, capsys, copy_gbps, shape, channels_last):
     benchmark.pedantic(run_synchronized, rounds=20, warmup_rounds=3)
 
 
-@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=("nchw", "channels_last"))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_training_forward_backward(benchmark, capsys, shape, channels_last):
+def test_training_forward_backward(benchmark, shape, channels_last):
     x, weight, bias, bn_weight, bn_bias, running_mean, running_var = make_inputs(shape, channels_last)
     grad_out = torch.randn_like(x)
 
@@ -159,12 +128,12 @@ def test_training_forward_backward(benchmark, capsys, shape, channels_last):
         "triton_speedup_vs_eager": round(ms["eager"] / ms["triton"], 2),
     }
     benchmark.extra_info.update(info)
-    print_row(
-        capsys,
-        "training bf16 fwd+bwd shape           layout  cuda_ms triton_ms eager_ms  cuda_x_eager triton_x_eager",
+    emit(
+        "dwconv_training", f"{'x'.join(map(str, shape))}-{'cl' if channels_last else 'nchw'}",
         f"training bf16 {'x'.join(map(str, shape)):>21} {'cl' if channels_last else 'nchw':>7} "
         f"{ms['cuda']:8.4f} {ms['triton']:9.4f} {ms['eager']:8.4f} {info['cuda_speedup_vs_eager']:13.2f} "
         f"{info['triton_speedup_vs_eager']:14.2f}",
+        header=TRAINING_HEADER, **info,
     )
 
     def run_synchronized():

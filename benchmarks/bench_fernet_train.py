@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench_record import emit
 from fercuda.data import augment, fer_input
 from fercuda.models import FERNet
 
@@ -57,12 +58,17 @@ def test_train_step(benchmark, width, fused):
     images_per_s = BATCH / benchmark.stats.stats.median
     benchmark.extra_info["images_per_s"] = images_per_s
     RESULTS[(width, fused)] = images_per_s
-
-
-def teardown_module():
-    for width in WIDTHS:
-        fused, plain = RESULTS.get((width, True)), RESULTS.get((width, False))
-        if fused and plain:
-            print(f"\nwidth_mult {width} on {DEVICE.type} ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads): fused {fused:.1f} images/s, plain {plain:.1f} images/s, "
-                  f"fused/plain {fused / plain:.2f}x")
+    # Each figure is printed (and kept, see bench_record) as soon as it is measured, the ratio as
+    # soon as both of its width's models are: a run stopped midway keeps what it measured.
+    where = (f"on {DEVICE.type} ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads)")
+    emit("fernet_step", f"{width}-{'fused' if fused else 'plain'}",
+         f"width_mult {width} {'fused' if fused else 'plain'} {where}: {images_per_s:.1f} images/s",
+         width_mult=width, fused=fused, device=DEVICE.type, batch=BATCH, rounds=ROUNDS, images_per_s=images_per_s)
+    fused_ips, plain_ips = RESULTS.get((width, True)), RESULTS.get((width, False))
+    if fused_ips and plain_ips:
+        emit("fernet_fused_vs_plain", str(width),
+             f"width_mult {width} {where}: fused {fused_ips:.1f} images/s, plain {plain_ips:.1f} images/s, "
+             f"fused/plain {fused_ips / plain_ips:.2f}x",
+             width_mult=width, device=DEVICE.type, batch=BATCH, fused_images_per_s=fused_ips,
+             plain_images_per_s=plain_ips, fused_over_plain=fused_ips / plain_ips)
