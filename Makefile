@@ -25,3 +25,10 @@ test: build
 
 clean:
 	rm -rf build fercuda/*.so *.egg-info
+
+# `make gpu-data`: FER2013 (../shared/data/fer2013, or FERCUDA_FER2013) packed into
+# .fer2013/fer2013.tar.gz, git-ignored: the path a device call carries for the training run and
+# the real-image Canny benchmark of benchmarks/gpu_check.sh (BENCHMARKS.md, "GPU: how to run").
+.PHONY: gpu-data
+gpu-data:
+	$(PYTHON) benchmarks/pack_fer2013.py
