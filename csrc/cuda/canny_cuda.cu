@@ -14,7 +14,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <string>
@@ -29,56 +28,43 @@ namespace {
 using canny::Thresholds;
 using namespace canny_kernels;
 
-constexpr int kThreads = 256;
-constexpr int kTile = 32;
-
-unsigned int grid_for(int64_t total, int threads) {
-  const int64_t blocks = (total + threads - 1) / threads;
-  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t{1} << 20));
-}
-
 // labels, out: contiguous (n, h, w) uint8 on the current device.
 void launch_hysteresis(const at::Tensor& labels, at::Tensor& out, int64_t n, int h, int w, cudaStream_t stream) {
   const int64_t total = n * h * w;
   const int64_t hw = static_cast<int64_t>(h) * w;
   at::Tensor parent = at::empty({total}, labels.options().dtype(at::kInt));
   at::Tensor root_strong = at::zeros({total}, labels.options());
-  const unsigned int grid = grid_for(total, kThreads);
+  const unsigned int grid = stage_grid(total);
   const uint8_t* lab = labels.data_ptr<uint8_t>();
   int* par = parent.data_ptr<int>();
-  uf_init_kernel<<<grid, kThreads, 0, stream>>>(lab, par, total, hw);
+  uf_init_kernel<<<grid, kStageThreads, 0, stream>>>(lab, par, total, hw);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  uf_merge_kernel<<<grid, kThreads, 0, stream>>>(par, total, h, w);
+  uf_merge_kernel<<<grid, kStageThreads, 0, stream>>>(par, total, h, w);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  uf_flatten_kernel<<<grid, kThreads, 0, stream>>>(lab, par, root_strong.data_ptr<uint8_t>(), total, hw);
+  uf_flatten_kernel<<<grid, kStageThreads, 0, stream>>>(lab, par, root_strong.data_ptr<uint8_t>(), total, hw);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  uf_output_kernel<<<grid, kThreads, 0, stream>>>(par, root_strong.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(),
-                                                  total, hw);
+  uf_output_kernel<<<grid, kStageThreads, 0, stream>>>(par, root_strong.data_ptr<uint8_t>(),
+                                                       out.data_ptr<uint8_t>(), total, hw);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int kKsize, bool kPaper, bool kWhole>
-void launch_fused(const uint8_t* src, uint8_t* dst, int64_t n, int h, int w, int th, int tw, Thresholds t, bool l2,
-                  bool vec16, cudaStream_t stream) {
-  const int tiles_x = (w + tw - 1) / tw, tiles_y = (h + th - 1) / th;
-  const int64_t tiles_per_image = static_cast<int64_t>(tiles_x) * tiles_y;
-  const int64_t blocks = n * tiles_per_image;
-  const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(blocks, INT_MAX));
-  const int smem = fused_layout(th, tw, h, w, kKsize).bytes;
-  canny_fused_kernel<kKsize, kPaper, kWhole><<<grid, kFusedThreads, smem, stream>>>(
-      src, dst, n, h, w, th, tw, tiles_x, tiles_per_image, t.low, t.high, l2, vec16);
+void launch_fused(const uint8_t* src, uint8_t* dst, int64_t n, int h, int w, const FusedPlan& plan, Thresholds t,
+                  bool l2, bool vec16, cudaStream_t stream) {
+  canny_fused_kernel<kKsize, kPaper, kWhole><<<plan.grid, kFusedThreads, plan.shared_bytes, stream>>>(
+      src, dst, n, h, w, plan.th, plan.tw, plan.tiles_x, plan.tiles_per_image, t.low, t.high, l2, vec16);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool kWhole>
-void launch_fused_for(int ksize, bool paper, const uint8_t* src, uint8_t* dst, int64_t n, int h, int w, int th,
-                      int tw, Thresholds t, bool l2, bool vec16, cudaStream_t stream) {
+void launch_fused_for(int ksize, bool paper, const uint8_t* src, uint8_t* dst, int64_t n, int h, int w,
+                      const FusedPlan& plan, Thresholds t, bool l2, bool vec16, cudaStream_t stream) {
 #define FERCUDA_FUSED_CASE(K)                                                                         \
   case K:                                                                                             \
     if (paper)                                                                                        \
-      launch_fused<K, true, kWhole>(src, dst, n, h, w, th, tw, t, l2, vec16, stream);                 \
+      launch_fused<K, true, kWhole>(src, dst, n, h, w, plan, t, l2, vec16, stream);                   \
     else                                                                                              \
-      launch_fused<K, false, kWhole>(src, dst, n, h, w, th, tw, t, l2, vec16, stream);                \
+      launch_fused<K, false, kWhole>(src, dst, n, h, w, plan, t, l2, vec16, stream);                  \
     break;
   switch (ksize) {
     FERCUDA_FUSED_CASE(0)
@@ -98,8 +84,6 @@ void check_image_size(const at::Tensor& batch, const char* op, const char* arg) 
               "' must have at most ", INT_MAX, " pixels per image, got ", batch.size(1), " x ", batch.size(2));
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 at::Tensor gaussian_blur_cuda(const at::Tensor& img, int64_t ksize) {
   check_gaussian_ksize(ksize, "gaussian_blur", /*allow_zero=*/false);
   c10::cuda::CUDAGuard guard(img.device());
@@ -108,7 +92,7 @@ at::Tensor gaussian_blur_cuda(const at::Tensor& img, int64_t ksize) {
   at::Tensor out = at::empty(img.sizes(), img.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t total = src.numel();
   if (total == 0) return out;
-  gaussian_blur_kernel<<<grid_for(total, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  gaussian_blur_kernel<<<stage_grid(total), kStageThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       src.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), total, static_cast<int>(src.size(1)),
       static_cast<int>(src.size(2)), static_cast<int>(ksize));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -123,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> sobel_cuda(const at::Tensor& img) {
   at::Tensor dx = at::empty(img.sizes(), opts), dy = at::empty(img.sizes(), opts);
   const int64_t total = src.numel();
   if (total == 0) return {dx, dy};
-  sobel_kernel<<<grid_for(total, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  sobel_kernel<<<stage_grid(total), kStageThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       src.data_ptr<uint8_t>(), dx.data_ptr<int16_t>(), dy.data_ptr<int16_t>(), total,
       static_cast<int>(src.size(1)), static_cast<int>(src.size(2)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -138,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> paper_gradient_cuda(const at::Tensor& img) {
   at::Tensor p = at::empty(img.sizes(), opts), q = at::empty(img.sizes(), opts);
   const int64_t total = src.numel();
   if (total == 0) return {p, q};
-  paper_gradient_kernel<<<grid_for(total, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  paper_gradient_kernel<<<stage_grid(total), kStageThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       src.data_ptr<uint8_t>(), p.data_ptr<float>(), q.data_ptr<float>(), total, static_cast<int>(src.size(1)),
       static_cast<int>(src.size(2)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -158,7 +142,7 @@ at::Tensor nms_cuda(const at::Tensor& dx, const at::Tensor& dy, double low, doub
   const int64_t total = gx.numel();
   if (total == 0) return out;
   const Thresholds t = canny::canny_thresholds(low, high, l2_gradient);
-  nms_kernel<<<grid_for(total, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  nms_kernel<<<stage_grid(total), kStageThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       gx.data_ptr<int16_t>(), gy.data_ptr<int16_t>(), out.data_ptr<uint8_t>(), total, static_cast<int>(gx.size(1)),
       static_cast<int>(gx.size(2)), t.low, t.high, l2_gradient);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -197,13 +181,14 @@ at::Tensor canny_cuda(const at::Tensor& img, double low, double high, int64_t ks
   const int h = static_cast<int>(src.size(1)), w = static_cast<int>(src.size(2));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int k = static_cast<int>(ksize);
-  if (h <= kWholeImageMax && w <= kWholeImageMax) {
-    const bool vec16 = (static_cast<int64_t>(h) * w) % 16 == 0 && aligned16(src.data_ptr()) && aligned16(out.data_ptr());
-    launch_fused_for<true>(k, paper, src.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), n, h, w, h, w, t, l2_gradient,
-                           vec16, stream);
+  const FusedPlan plan = plan_fused(n, h, w, k);
+  if (plan.whole) {
+    const bool vec16 = whole_image_vec16(h, w, src.data_ptr(), out.data_ptr());
+    launch_fused_for<true>(k, paper, src.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), n, h, w, plan, t,
+                           l2_gradient, vec16, stream);
   } else {
     at::Tensor labels = at::empty({n, h, w}, src.options());
-    launch_fused_for<false>(k, paper, src.data_ptr<uint8_t>(), labels.data_ptr<uint8_t>(), n, h, w, kTile, kTile, t,
+    launch_fused_for<false>(k, paper, src.data_ptr<uint8_t>(), labels.data_ptr<uint8_t>(), n, h, w, plan, t,
                             l2_gradient, false, stream);
     launch_hysteresis(labels, out, n, h, w, stream);
   }

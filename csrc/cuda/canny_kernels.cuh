@@ -462,5 +462,48 @@ __global__ void __launch_bounds__(kFusedThreads)
   }
 }
 
+// ---- Launch plans (host) --------------------------------------------------------
+
+// What canny_cuda.cu launches, computed from the sizes alone so that the emulated tests launch
+// the same. The stage and union-find kernels loop over their pixels with a grid stride.
+constexpr int kStageThreads = 256;
+constexpr int kTile = 32;  // tiles of the fused kernel on images larger than kWholeImageMax
+
+inline unsigned int stage_grid(int64_t total) {
+  const int64_t blocks = (total + kStageThreads - 1) / kStageThreads;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks < (int64_t{1} << 20) ? blocks : int64_t{1} << 20));
+}
+
+// The fused kernel: whole images (one block each, hysteresis included) up to kWholeImageMax a
+// side, else kTile x kTile tiles whose label map the union-find kernels finish.
+struct FusedPlan {
+  bool whole;
+  int th, tw;  // tile size: the image itself on the whole-image path
+  int tiles_x;
+  int64_t tiles_per_image;
+  unsigned int grid;  // a block per tile; the kernel loops over the rest where the grid is capped
+  int shared_bytes;
+};
+
+// tile > 0 forces the tiled path with tile x tile tiles (the tests' switch).
+inline FusedPlan plan_fused(int64_t n, int h, int w, int ksize, int tile = 0) {
+  FusedPlan p;
+  p.whole = tile == 0 && h <= kWholeImageMax && w <= kWholeImageMax;
+  p.th = p.whole ? h : (tile > 0 ? tile : kTile);
+  p.tw = p.whole ? w : (tile > 0 ? tile : kTile);
+  p.tiles_x = (w + p.tw - 1) / p.tw;
+  p.tiles_per_image = static_cast<int64_t>(p.tiles_x) * ((h + p.th - 1) / p.th);
+  const int64_t blocks = n * p.tiles_per_image;
+  p.grid = static_cast<unsigned int>(blocks < 0x7fffffff ? blocks : 0x7fffffff);
+  p.shared_bytes = fused_layout(p.th, p.tw, h, w, ksize).bytes;
+  return p;
+}
+
+// The whole-image path copies images in and out 16 bytes at a time where it can.
+inline bool whole_image_vec16(int h, int w, const void* src, const void* dst) {
+  return (static_cast<int64_t>(h) * w) % 16 == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0 &&
+         (reinterpret_cast<uintptr_t>(dst) & 15) == 0;
+}
+
 }  // namespace canny_kernels
 }  // namespace fercuda
