@@ -10,6 +10,7 @@ processes read (~/.triton/cache, torch.compile's /tmp/torchinductor_<user>).
     python benchmarks/gpu_warmup.py dwconv     Triton dwconv at bench_dwconv_gpu.py's cases
     python benchmarks/gpu_warmup.py compile    torch.compile of bench_dwconv_gpu.py's eager block, per case
     python benchmarks/gpu_warmup.py tests      the variants the GPU tests use (odd sizes, dtypes, strides)
+    python benchmarks/gpu_warmup.py dwconv --shard 1/4    every 4th case from the 2nd: parts in parallel
 
 A Triton module whose imports are torch, triton and fercuda._checks alone loads before the build
 ends: a bare stand-in for the fercuda package lets it load without fercuda/__init__.py (which
@@ -43,6 +44,7 @@ AFTER_BUILD = "--after-build"
 STARTED = float(os.environ.get("GPU_WARMUP_STARTED", time.time()))
 DEVICE = "cuda"  # "cpu" with --dry
 DRY = False
+SHARD = (0, 1)  # --shard K/N: this process warms every N-th case from the K-th
 
 
 def log(*msg):
@@ -100,6 +102,11 @@ def timed(label, fn, *args, **kwargs):
     return result
 
 
+def shard(cases):
+    k, n = SHARD
+    return cases[k::n]
+
+
 def uint8_images(shape):
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
@@ -124,7 +131,7 @@ def warm_canny():
 def warm_dwconv():
     fercuda_module("triton.dwconv")
     cases = [((2, 3, 5, 7), False)] if DRY else [(s, cl) for s in SHAPES for cl in LAYOUTS]
-    for shape, channels_last in cases:
+    for shape, channels_last in shard(cases):
         inputs = make_inputs(shape, channels_last, DEVICE)
         with torch.no_grad():
             timed(f"triton dwconv {shape} channels_last={channels_last} inference",
@@ -136,7 +143,7 @@ def warm_dwconv():
 
 def warm_compile():
     cases = [((2, 3, 5, 7), False)] if DRY else [(s, cl) for s in SHAPES for cl in LAYOUTS]
-    for shape, channels_last in cases:
+    for shape, channels_last in shard(cases):
         inputs = make_inputs(shape, channels_last, DEVICE)
         _, cache = timed(f"torch.compile eager_block {shape} channels_last={channels_last}", compile_block, inputs)
         log(f"  cache {cache}")
@@ -172,8 +179,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("parts", nargs="+", choices=sorted(PARTS))
     parser.add_argument("--dry", action="store_true", help="tiny CPU tensors under TRITON_INTERPRET=1")
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="warm every N-th case of the dwconv and compile parts, from the K-th (one process of N)")
     parser.add_argument(AFTER_BUILD, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    SHARD = tuple(int(v) for v in args.shard.split("/"))
     os.environ["GPU_WARMUP_STARTED"] = str(STARTED)  # kept across the start again after the build
     DRY = args.dry
     DEVICE = "cpu" if args.dry else "cuda"
