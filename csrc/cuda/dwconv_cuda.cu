@@ -479,16 +479,19 @@ struct Prepared {
 
 int64_t conv_out_size(int64_t in, int64_t stride, int64_t padding) { return (in + 2 * padding - 3) / stride + 1; }
 
-Prepared prepare(const at::Tensor& x_in, int64_t stride, int64_t padding) {
+// The kernels index channels, rows and columns with int.
+Prepared prepare(const char* op, const at::Tensor& x_in, int64_t stride, int64_t padding) {
   Prepared p;
   p.format = x_in.suggest_memory_format();
   p.channels_last = p.format == at::MemoryFormat::ChannelsLast;
   p.x = x_in.contiguous(p.format);
   const int64_t n = x_in.size(0), c = x_in.size(1), h = x_in.size(2), w = x_in.size(3);
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  // The padded extents bound the output's too.
+  const bool fits = c <= kIntMax && padding <= kIntMax / 4 && h + 2 * padding <= kIntMax && w + 2 * padding <= kIntMax;
+  TORCH_CHECK(fits, "fercuda.", op, ": C and the padded H and W must each fit in int32, got shape ", shape_str(x_in),
+              " and padding ", padding);
   const int64_t ho = conv_out_size(h, stride, padding), wo = conv_out_size(w, stride, padding);
-  TORCH_CHECK(c <= std::numeric_limits<int>::max() && h <= std::numeric_limits<int>::max() &&
-                  w <= std::numeric_limits<int>::max(),
-              "fercuda.dwconv_bn_relu6: C, H and W must each fit in int32, got shape ", shape_str(x_in));
   p.n = n;
   Geometry& g = p.g;
   g.channels = static_cast<int>(c);
@@ -568,16 +571,16 @@ void launch_reduce(const Prepared& p, const ReducePlan& plan, const ReduceArgs<s
 }
 
 template <typename scalar_t>
-void launch_apply(const Prepared& p, const at::Tensor& weight, const scalar_t* bias, bool from_running,
-                  const float* p0, const float* p1, const float* p2, const float* p3, double eps, at::Tensor& y,
-                  cudaStream_t stream) {
+void launch_apply(const char* op, const Prepared& p, const at::Tensor& weight, const scalar_t* bias,
+                  bool from_running, const float* p0, const float* p1, const float* p2, const float* p3, double eps,
+                  at::Tensor& y, cudaStream_t stream) {
   auto launch = [&](auto stride_tag) {
     constexpr int kStride = decltype(stride_tag)::value;
     const int64_t runs_per_row = ceil_div(p.g.wo, ApplyRun<kStride>::outputs);
     const int64_t total_runs = p.n * p.g.channels * p.g.ho * runs_per_row;
     const int64_t blocks = ceil_div(total_runs, kThreads);
-    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fercuda.dwconv_bn_relu6: output too large, ",
-                y.numel(), " elements");
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fercuda.", op, ": output too large, ", y.numel(),
+                " elements");
     dispatch_index_and_layout(total_runs, p.channels_last, [&](auto index_tag, auto cl_tag) {
       using index_t = decltype(index_tag);
       constexpr bool kCL = decltype(cl_tag)::value;
@@ -604,11 +607,11 @@ at::Tensor dwconv_bn_relu6_cuda(const at::Tensor& x, const at::Tensor& weight, c
                                 const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                 const at::Tensor& running_mean, const at::Tensor& running_var, int64_t stride,
                                 int64_t padding, double eps) {
-  check_dwconv_args("dwconv_bn_relu6", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
-                    padding);
-  check_dwconv_eps("dwconv_bn_relu6", eps);
+  const char* op = "dwconv_bn_relu6";
+  check_dwconv_args(op, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding);
+  check_dwconv_eps(op, eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  Prepared p = prepare(x, stride, padding);
+  Prepared p = prepare(op, x, stride, padding);
   at::Tensor y = empty_output(p);
   if (y.numel() == 0) return y;
   const at::Tensor w = weight.contiguous();
@@ -616,8 +619,8 @@ at::Tensor dwconv_bn_relu6_cuda(const at::Tensor& x, const at::Tensor& weight, c
   const at::Tensor bn_w = as_float(bn_weight), bn_b = as_float(bn_bias);
   const at::Tensor mean = as_float(running_mean), var = as_float(running_var);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  FERCUDA_DISPATCH_DWCONV_TYPES(x.scalar_type(), "dwconv_bn_relu6_cuda", [&] {
-    launch_apply<scalar_t>(p, w, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, /*from_running=*/true,
+  FERCUDA_DISPATCH_DWCONV_TYPES(x.scalar_type(), "fercuda.dwconv_bn_relu6", [&] {
+    launch_apply<scalar_t>(op, p, w, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, /*from_running=*/true,
                            bn_w.const_data_ptr<float>(), bn_b.const_data_ptr<float>(), mean.const_data_ptr<float>(),
                            var.const_data_ptr<float>(), eps, y, stream);
   });
@@ -635,7 +638,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   check_dwconv_eps(op, eps);
   check_dwconv_momentum(op, momentum);
   const c10::cuda::CUDAGuard guard(x.device());
-  Prepared p = prepare(x, stride, padding);
+  Prepared p = prepare(op, x, stride, padding);
   const int64_t positions = p.n * static_cast<int64_t>(p.g.ho) * p.g.wo;
   at::Tensor y = empty_output(p);
   const auto f32 = x.options().dtype(at::kFloat);
@@ -660,7 +663,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   const ReducePlan plan = plan_reduce(p);
   at::Tensor slots = at::empty({plan.splits, p.g.channels, ReduceWidth<kForwardStats>::slot}, f32);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  FERCUDA_DISPATCH_DWCONV_TYPES(x.scalar_type(), "dwconv_bn_relu6_train_cuda", [&] {
+  FERCUDA_DISPATCH_DWCONV_TYPES(x.scalar_type(), "fercuda.dwconv_bn_relu6_train", [&] {
     ReduceArgs<scalar_t> args{};
     args.x = p.x.const_data_ptr<scalar_t>();
     args.weight = w.const_data_ptr<scalar_t>();
@@ -678,7 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
         scale_shift.mutable_data_ptr<float>(), scale_shift.mutable_data_ptr<float>() + p.g.channels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    launch_apply<scalar_t>(p, w, nullptr, /*from_running=*/false, scale_shift.const_data_ptr<float>(),
+    launch_apply<scalar_t>(op, p, w, nullptr, /*from_running=*/false, scale_shift.const_data_ptr<float>(),
                            scale_shift.const_data_ptr<float>() + p.g.channels, nullptr, nullptr, eps, y, stream);
   });
   return {y, save_mean, save_invstd, rm.to(running_mean.scalar_type()), rv.to(running_var.scalar_type())};
@@ -694,7 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   check_dwconv_grad_out(op, grad_out, x, out);
   const int64_t ho = out[2], wo = out[3];
   const c10::cuda::CUDAGuard guard(x.device());
-  Prepared p = prepare(x, stride, padding);
+  Prepared p = prepare(op, x, stride, padding);
   const int64_t channels = p.g.channels;
   const int64_t positions = p.n * ho * wo;
 
@@ -732,7 +735,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   at::Tensor slots_grads = at::empty({plan.splits, channels, ReduceWidth<kBackwardGrads>::slot}, f32);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int channel_blocks = static_cast<int>(ceil_div(channels, kThreads));
-  FERCUDA_DISPATCH_DWCONV_TYPES(x.scalar_type(), "dwconv_bn_relu6_backward_cuda", [&] {
+  FERCUDA_DISPATCH_DWCONV_TYPES(x.scalar_type(), "fercuda.dwconv_bn_relu6_backward", [&] {
     ReduceArgs<scalar_t> args{};
     args.x = p.x.const_data_ptr<scalar_t>();
     args.weight = w.const_data_ptr<scalar_t>();
