@@ -368,6 +368,8 @@ class GpuCheck:
             for i, stage in enumerate(self.stages):
                 self.current = stage
                 self.run_stage(stage, later=sum(s.cap for s in self.stages[i + 1:]))
+                if stage.name == "build":
+                    self.forget_unfinished_data(stage)
                 self.refresh(force=True)
         except Interrupted:
             for stage in self.stages:
@@ -379,6 +381,14 @@ class GpuCheck:
             self.refresh(force=True)
         print("\n" + self.summary_text(), flush=True)
         return 1 if any(s.status in ("FAILED", "TIMEOUT", "INTERRUPTED") for s in self.stages) else 0
+
+    def forget_unfinished_data(self, build: Stage):
+        """A FER2013 archive not (wholly) unpacked is not read: no stage trains or times on a part of it."""
+        job = next((j for j in build.background if j.name == "fer2013_data"), None)
+        if job is not None and job_status(job) != "ok":
+            self.fer2013 = None
+            train = next(s for s in self.stages if s.name == "fernet_train_run")
+            train.skip = f"the FER2013 archive was not unpacked ({job_status(job)}, see fer2013_data.log)"
 
     def on_signal(self, signum, frame):
         stage = self.current

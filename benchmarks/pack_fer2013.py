@@ -16,6 +16,7 @@ import argparse
 import gzip
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -46,7 +47,10 @@ def pack(src: Path, out: Path) -> int:
 
 
 def unpack(archive: Path, to: Path) -> int:
-    to.mkdir(parents=True, exist_ok=True)
+    """Into `to`, which appears only once every file is there (a stopped unpacking leaves none)."""
+    partial = to.with_name(to.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     with tarfile.open(archive, "r:*") as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         for m in members:
@@ -54,9 +58,11 @@ def unpack(archive: Path, to: Path) -> int:
             if name.is_absolute() or ".." in name.parts:
                 raise SystemExit(f"pack_fer2013: {archive} holds an unsafe path {m.name!r}")
         if hasattr(tarfile, "data_filter"):
-            tar.extractall(to, members=members, filter="data")
+            tar.extractall(partial, members=members, filter="data")
         else:
-            tar.extractall(to, members=members)
+            tar.extractall(partial, members=members)
+    shutil.rmtree(to, ignore_errors=True)
+    os.replace(partial, to)
     return len(members)
 
 

@@ -205,3 +205,19 @@ def test_sanitizer_subsets_select_tests():
         assert any("canny" in i for i in chosen) and any("dwconv" in i for i in chosen), (tool, chosen)
         assert len(chosen) <= 30, (tool, len(chosen))
         assert not any("cpu" in i or "triton" in i for i in chosen), (tool, chosen)
+
+
+def test_a_partly_unpacked_archive_is_not_read(tmp_path, monkeypatch):
+    archive = tmp_path / "fer2013.tar.gz"
+    archive.write_bytes(b"")
+    monkeypatch.delenv("FERCUDA_FER2013", raising=False)
+    monkeypatch.setenv("GPU_CHECK_WORK", str(tmp_path / "work"))
+    monkeypatch.setenv("GPU_CHECK_FER2013_ARCHIVE", str(archive))
+    check = gpu_check.GpuCheck()
+    check.stages = check.plan()
+    build = check.stages[1]
+    unpack = next(j for j in build.background if j.name == "fer2013_data")
+    unpack.rc, unpack.timed_out = -9, True
+    check.forget_unfinished_data(build)
+    assert check.fer2013 is None and "FERCUDA_FER2013" not in check.base_env()
+    assert "not unpacked (TIMEOUT" in check.stages[STAGES.index("fernet_train_run")].skip
