@@ -1,6 +1,8 @@
-"""CUDA C++ and Triton kernels of the fused depthwise conv + BatchNorm + ReLU6 on a GPU, at the
-network's shapes, against eager PyTorch in float64. Skipped where no GPU is present, except the
-check that a CUDA build registers the kernels."""
+"""The fused depthwise conv + BatchNorm + ReLU6 of every backend at the network's shapes, against
+eager PyTorch in float64: the same assertions for the C++ CPU kernels (run everywhere, on batches
+of at most 4), the CUDA C++ kernels and the Triton kernels (run where a GPU is;
+tests/test_dwconv_triton.py runs the Triton kernels on CPU under Triton's interpreter, at shapes
+it can afford)."""
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fercuda  # noqa: F401  (loads the C++ ops)
+import fercuda.ops
 import fercuda.triton.dwconv  # noqa: F401  (registers the Triton ops)
 from dwconv_cases import (
     LOW_PRECISION,
@@ -22,7 +25,9 @@ from dwconv_cases import (
 from fercuda import _build_info
 
 DWCONV_OPS = ("fercuda::dwconv_bn_relu6", "fercuda::dwconv_bn_relu6_train", "fercuda::dwconv_bn_relu6_backward")
-BACKENDS = ("cuda", "triton")
+# fercuda.ops' backend= names; "cpu" is the C++ CPU kernel.
+BACKENDS = ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda),
+            pytest.param("triton", marks=pytest.mark.needs_cuda))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (N, C, H, W, stride): the network's blocks, and an odd shape whose channels do not fill a
 # channels_last group of 32 and whose planes are not multiples of any tile.
@@ -46,42 +51,51 @@ def test_cuda_build_registers_dwconv_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name} has no CUDA kernel"
 
 
+def device_of(backend):
+    return "cpu" if backend == "cpu" else "cuda"
+
+
+def batch(backend, n):
+    """The batch size of a case: the network's on a GPU; at most 4 on the CPU, where the float64
+    references of 64 images take minutes per case on two cores (the planes and channels stay)."""
+    return n if backend != "cpu" else min(n, 4)
+
+
+def op(backend, kind=""):
+    """The registered op of a backend; kind "", "_train" or "_backward"."""
+    return getattr(torch.ops.fercuda, f"dwconv_bn_relu6{kind}" + ("_triton" if backend == "triton" else ""))
+
+
 def inference(backend, inputs, stride, padding=1):
-    op = torch.ops.fercuda.dwconv_bn_relu6 if backend == "cuda" else torch.ops.fercuda.dwconv_bn_relu6_triton
-    return op(*inputs, stride, padding, 1e-5)
+    return op(backend)(*inputs, stride, padding, 1e-5)
 
 
 def train(backend, inputs, stride, running_mean, running_var, padding=1):
-    """(out, save_mean, save_invstd), with the running statistics updated in place."""
-    x, w, b, bn_w, bn_b = inputs[:5]
-    if backend == "triton":
-        return torch.ops.fercuda.dwconv_bn_relu6_train_triton(
-            x, w, b, bn_w, bn_b, running_mean, running_var, stride, padding, 1e-5, 0.1)
-    out, mean, invstd, new_mean, new_var = torch.ops.fercuda.dwconv_bn_relu6_train(
-        x, w, b, bn_w, bn_b, running_mean, running_var, stride, padding, 1e-5, 0.1)
+    """(out, save_mean, save_invstd); the new running statistics copied into the buffers, as
+    fercuda.ops.dwconv_bn_relu6 does."""
+    out, mean, invstd, new_mean, new_var = op(backend, "_train")(
+        *inputs[:5], running_mean, running_var, stride, padding, 1e-5, 0.1)
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
     return out, mean, invstd
 
 
 def backward(backend, grad_out, inputs, mean, invstd, stride, training, padding=1):
-    op = torch.ops.fercuda.dwconv_bn_relu6_backward if backend == "cuda" else \
-        torch.ops.fercuda.dwconv_bn_relu6_backward_triton
-    return op(grad_out, *inputs[:5], mean, invstd, stride, padding, training)
+    return op(backend, "_backward")(grad_out, *inputs[:5], mean, invstd, stride, padding, training)
 
 
 def memory_format(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_inference(backend, dtype, channels_last, shape, rng):
     n, c, h, w, stride = shape
-    inputs = sample_inputs("cuda", dtype, rng, n=n, c=c, h=h, w=w, channels_last=channels_last)
+    n = batch(backend, n)
+    inputs = sample_inputs(device_of(backend), dtype, rng, n=n, c=c, h=h, w=w, channels_last=channels_last)
     with poisoned_allocations():
         out = inference(backend, inputs, stride)
     expected = reference(*inputs, stride=stride)
@@ -94,24 +108,24 @@ def test_inference(backend, dtype, channels_last, shape, rng):
         assert_within_twice_eager(out, expected, eager, "out")
 
 
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_inference_float32_batchnorm_with_half_input(backend, dtype, rng):
-    inputs = sample_inputs("cuda", dtype, rng, n=64, c=256, h=24, w=24, bn_dtype=torch.float32)
+    inputs = sample_inputs(device_of(backend), dtype, rng, n=batch(backend, 64), c=256, h=24, w=24,
+                           bn_dtype=torch.float32)
     out = inference(backend, inputs, 1)
     eager = reference(*inputs[:5], inputs[5].to(dtype), inputs[6].to(dtype), dtype=dtype)
     assert_within_twice_eager(out, reference(*inputs), eager, "out")
 
 
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_training_forward_and_running_stats_after_two_steps(backend, channels_last, shape, rng):
     n, c, h, w, stride = shape
-    inputs = sample_inputs("cuda", torch.float32, rng, n=n, c=c, h=h, w=w, channels_last=channels_last)
-    bn = nn.BatchNorm2d(c, momentum=0.1, eps=1e-5).double().cuda().train()
+    n = batch(backend, n)
+    inputs = sample_inputs(device_of(backend), torch.float32, rng, n=n, c=c, h=h, w=w, channels_last=channels_last)
+    bn = nn.BatchNorm2d(c, momentum=0.1, eps=1e-5).double().to(device_of(backend)).train()
     running_mean, running_var = inputs[5].clone(), inputs[6].clone()
     with torch.no_grad():
         bn.running_mean.copy_(running_mean)
@@ -119,7 +133,7 @@ def test_training_forward_and_running_stats_after_two_steps(backend, channels_la
         bn.weight.copy_(inputs[3])
         bn.bias.copy_(inputs[4])
     for _ in range(2):
-        x = sample_inputs("cuda", torch.float32, rng, n=n, c=c, h=h, w=w, channels_last=channels_last)[0]
+        x = sample_inputs(device_of(backend), torch.float32, rng, n=n, c=c, h=h, w=w, channels_last=channels_last)[0]
         step_inputs = (x,) + inputs[1:]
         with poisoned_allocations():
             out, save_mean, save_invstd = train(backend, step_inputs, stride, running_mean, running_var)
@@ -134,20 +148,21 @@ def test_training_forward_and_running_stats_after_two_steps(backend, channels_la
     assert_close_fp32(running_var, bn.running_var)
 
 
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", (False, True), ids=("eval", "train"))
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_gradients_match_float64_autograd(backend, training, channels_last, shape, rng):
     n, c, h, w, stride = shape
-    inputs = sample_inputs("cuda", torch.float32, rng, n=n, c=c, h=h, w=w, channels_last=channels_last)
+    n = batch(backend, n)
+    inputs = sample_inputs(device_of(backend), torch.float32, rng, n=n, c=c, h=h, w=w, channels_last=channels_last)
     if training:
         _, mean, invstd = train(backend, inputs, stride, inputs[5].clone(), inputs[6].clone())
     else:
         mean, invstd = inputs[5], torch.rsqrt(inputs[6] + 1e-5)
     ho, wo = (h + 2 - 3) // stride + 1, (w + 2 - 3) // stride + 1
-    grad_out = torch.randn((n, c, ho, wo), generator=rng).cuda().contiguous(memory_format=memory_format(channels_last))
+    grad_out = torch.randn((n, c, ho, wo), generator=rng).to(device_of(backend))
+    grad_out = grad_out.contiguous(memory_format=memory_format(channels_last))
     with poisoned_allocations():
         grads = backward(backend, grad_out, inputs, mean, invstd, stride, training)
     expected, term_sums = float64_gradients(inputs, grad_out, stride=stride, training=training)
@@ -159,16 +174,15 @@ def test_gradients_match_float64_autograd(backend, training, channels_last, shap
     assert grads[0].is_contiguous(memory_format=memory_format(channels_last))
 
 
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
 def test_low_precision_training_gradients(backend, dtype, channels_last, rng):
-    n, c, h, w, stride = 64, 256, 24, 24, 1
-    inputs = sample_inputs("cuda", dtype, rng, n=n, c=c, h=h, w=w, channels_last=channels_last,
+    n, c, h, w, stride = batch(backend, 64), 256, 24, 24, 1
+    inputs = sample_inputs(device_of(backend), dtype, rng, n=n, c=c, h=h, w=w, channels_last=channels_last,
                            bn_dtype=torch.float32)
     _, mean, invstd = train(backend, inputs, stride, inputs[5].clone(), inputs[6].clone())
-    grad_out = torch.randn((n, c, h, w), generator=rng).to("cuda", dtype)
+    grad_out = torch.randn((n, c, h, w), generator=rng).to(device_of(backend), dtype)
     grads = backward(backend, grad_out, inputs, mean, invstd, stride, True)
     expected, _ = float64_gradients(inputs, grad_out, stride=stride, training=True)
     leaves = [t.detach().clone().requires_grad_() for t in inputs[:5]]
@@ -179,26 +193,25 @@ def test_low_precision_training_gradients(backend, dtype, channels_last, rng):
             assert_within_twice_eager(got, exp, leaf.grad, name)
 
 
-@pytest.mark.needs_cuda
-def test_cuda_reductions_are_deterministic(rng):
-    inputs = sample_inputs("cuda", torch.float32, rng, n=64, c=256, h=24, w=24)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reductions_are_deterministic(backend, rng):
+    inputs = sample_inputs(device_of(backend), torch.float32, rng, n=batch(backend, 64), c=256, h=24, w=24)
     runs = []
     for _ in range(2):
-        out, mean, invstd = train("cuda", inputs, 1, inputs[5].clone(), inputs[6].clone())
+        out, mean, invstd = train(backend, inputs, 1, inputs[5].clone(), inputs[6].clone())
         grad_out = torch.ones_like(out)
-        runs.append((out, mean, invstd) + tuple(backward("cuda", grad_out, inputs, mean, invstd, 1, True)))
+        runs.append((out, mean, invstd) + tuple(backward(backend, grad_out, inputs, mean, invstd, 1, True)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
-@pytest.mark.needs_cuda
-def test_triton_autograd_training_step(rng):
-    from fercuda.triton import dwconv as triton_dwconv
-
-    inputs = sample_inputs("cuda", torch.float32, rng, n=8, c=64, h=12, w=12)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autograd_training_step(backend, rng):
+    """fercuda.ops.dwconv_bn_relu6 in training: the shared autograd calls the backend's backward op."""
+    inputs = sample_inputs(device_of(backend), torch.float32, rng, n=8, c=64, h=12, w=12)
     leaves = [t.detach().clone().requires_grad_() for t in inputs[:5]]
-    out = triton_dwconv.dwconv_bn_relu6(*leaves, inputs[5].clone(), inputs[6].clone(), training=True)
-    grad_out = torch.randn(out.shape, generator=rng).cuda()
+    out = fercuda.ops.dwconv_bn_relu6(*leaves, inputs[5].clone(), inputs[6].clone(), training=True, backend=backend)
+    grad_out = torch.randn(out.shape, generator=rng).to(device_of(backend))
     out.backward(grad_out)
     expected, term_sums = float64_gradients(inputs, grad_out, training=True)
     scale = float(expected[0].abs().max())
@@ -207,42 +220,39 @@ def test_triton_autograd_training_step(rng):
         assert_grad_close_fp32(name, leaf.grad, exp, term_sum, scale)
 
 
-def opcheck_utils(qualname):
-    """The full opcheck where a fake kernel is registered for the op, else the schema check alone."""
-    entry = torch._library.simple_registry.singleton.find(qualname)
-    if entry.fake_impl.kernel is None:
-        return ("test_schema",)
-    return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-@pytest.mark.needs_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, rng):
-    inputs = sample_inputs("cuda", torch.float32, rng, n=4, c=40, h=6, w=6)
-    suffix = "" if backend == "cuda" else "_triton"
-    names = [f"fercuda::dwconv_bn_relu6{suffix}", f"fercuda::dwconv_bn_relu6_train{suffix}",
-             f"fercuda::dwconv_bn_relu6_backward{suffix}"]
-    ops = [getattr(torch.ops.fercuda, name.split("::")[1]).default for name in names]
-    torch.library.opcheck(ops[0], (*inputs, 1, 1, 1e-5), test_utils=opcheck_utils(names[0]))
-    torch.library.opcheck(ops[1], (*inputs, 2, 1, 1e-5, 0.1), test_utils=opcheck_utils(names[1]))
-    out, mean, invstd = ops[1](*inputs, 1, 1, 1e-5, 0.1)
-    torch.library.opcheck(ops[2], (torch.randn_like(out), *inputs[:5], mean, invstd, 1, 1, True),
-                          test_utils=opcheck_utils(names[2]))
+    """Schema, fake kernel, autograd registration and AOT dispatch of the three ops, whose fakes and
+    autograd are shared by the backends."""
+    inputs = sample_inputs(device_of(backend), torch.float32, rng, n=4, c=40, h=6, w=6)
+    torch.library.opcheck(op(backend).default, (*inputs, 1, 1, 1e-5))
+    torch.library.opcheck(op(backend, "_train").default, (*inputs, 2, 1, 1e-5, 0.1))
+    out, mean, invstd, _, _ = op(backend, "_train")(*inputs, 1, 1, 1e-5, 0.1)
+    torch.library.opcheck(op(backend, "_backward").default,
+                          (torch.randn_like(out), *inputs[:5], mean, invstd, 1, 1, True))
 
 
-@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "change, match",
     [
-        (lambda a: a.__setitem__(0, a[0][0]), "'x' must be a 4-D tensor"),
+        (lambda a: a.__setitem__(0, a[0][0]), "'x' must be a 4-D"),
         (lambda a: a.__setitem__(1, a[1].reshape(-1, 1, 9)), r"'weight' must have shape \(C, 1, 3, 3\)"),
-        (lambda a: a.__setitem__(3, a[3].cpu()), "'bn_weight' must be on the same device"),
         (lambda a: a.__setitem__(7, 3), "'stride' must be 1 or 2, got 3"),
     ],
-    ids=("x_dim", "weight_shape", "device", "stride"),
+    ids=("x_dim", "weight_shape", "stride"),
 )
-def test_cuda_exception_names_argument(change, match, rng):
-    args = list(sample_inputs("cuda", torch.float32, rng)) + [1, 1, 1e-5]
+def test_exception_names_argument(backend, change, match, rng):
+    args = list(sample_inputs(device_of(backend), torch.float32, rng)) + [1, 1, 1e-5]
     change(args)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fercuda.dwconv_bn_relu6(*args)
+        op(backend)(*args)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_cuda_exception_names_argument_on_another_device(backend, rng):
+    args = list(sample_inputs("cuda", torch.float32, rng)) + [1, 1, 1e-5]
+    args[3] = args[3].cpu()
+    with pytest.raises(RuntimeError, match="'bn_weight' must be on the same device"):
+        op(backend)(*args)
