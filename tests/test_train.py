@@ -214,23 +214,33 @@ def _torchrun(run_args, log_path):
                             start_new_session=True)
 
 
-def _kill_session(sid):
-    """SIGKILL every process of session `sid`: torchrun puts its workers in process groups of
-    their own, so killing the launcher's group would leave the ranks running."""
+def _kill_tree(pid):
+    """SIGKILL a process and all its descendants. torchrun starts each worker in a session of its
+    own (start_new_session), so neither a process group nor a session holds the whole job: the
+    tree is collected from /proc's parent links before anything is killed, the launcher first so
+    that it cannot react to its workers' deaths."""
     import os
     import signal
     from pathlib import Path
 
+    children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == sid:  # session id, the 6th field of /proc/PID/stat
-            try:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # ppid, the 4th field
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
 
 
 def test_ddp_two_processes_agree_write_once_and_resume_after_a_kill(small_fer, tmp_path):
@@ -249,14 +259,22 @@ def test_ddp_two_processes_agree_write_once_and_resume_after_a_kill(small_fer, t
     while not metrics.exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert last.exists(), (tmp_path / "first.log").read_text()[-3000:]
-    _kill_session(job.pid)  # the whole job, the launcher and both ranks, mid-run
+    tree = _kill_tree(job.pid)  # the whole job, the launcher and both ranks, mid-run
     job.wait()
+    assert len(tree) >= 3, f"expected the launcher and two ranks, found processes {tree}"
+    for _ in range(100):  # the ranks are reaped by init, not by us: wait until they are gone
+        if all(_proc_state(p) in ("gone", "Z") for p in tree[1:]):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"ranks {tree[1:]} outlived SIGKILL")
     killed_after = torch.load(last, weights_only=True)["epoch"]
     assert 1 <= killed_after < epochs, "the kill came too late to test --resume"
     before = json.loads(metrics.read_text())
 
     job = _torchrun(["--resume", str(out), "--no-progress"], tmp_path / "resume.log")
     assert job.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert f"resuming {out / 'official'} after epoch {killed_after}" in (tmp_path / "resume.log").read_text()
     history = json.loads((out / "official" / "metrics.json").read_text())
     assert history[:len(before)] == before  # continued from the checkpoint, not restarted
     # Written once: one row per epoch (not one per rank), no temporary files left behind.
@@ -268,3 +286,10 @@ def test_ddp_two_processes_agree_write_once_and_resume_after_a_kill(small_fer, t
     assert results["rank_weight_spread"] == 0.0
     # Each process takes --batch-size images a step: 2 x 16 per step over the 168 training images.
     assert history[-1]["steps"] == math.ceil(math.ceil(7 * PER_CLASS_TRAIN / 2) / 16)
+
+
+def _proc_state(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
