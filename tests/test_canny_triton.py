@@ -80,20 +80,34 @@ def test_noncontiguous(rng):
     check(smooth_random(rng, (13, 9)).t(), 10, 40)
 
 
-def test_tiled_path_poisoned_output(rng):
+@pytest.mark.parametrize("ksize, gradient, l2_gradient", [(5, "sobel", False), (0, "paper", True), (7, "sobel", True)])
+def test_tiled_path_poisoned_output(rng, ksize, gradient, l2_gradient):
     # Images past the one-program size take the tiled kernels; force them on a small image.
     img = smooth_random(rng, (2, 18, 21))
     out = torch.full(img.shape, 77, dtype=torch.uint8, device=DEVICE)
-    low, high = triton_canny.canny_thresholds(10.0, 40.0, False)
-    triton_canny._canny_batch(img.to(DEVICE), out, low, high, 5, False, False, tile=16)
-    assert int((out.cpu() != canny_batch(img, 10, 40)).sum()) == 0
+    paper = gradient == "paper"
+    low, high = triton_canny.canny_thresholds(20.0 if paper else 10.0, 80.0 if paper else 40.0, l2_gradient)
+    triton_canny._canny_batch(img.to(DEVICE), out, low, high, ksize, l2_gradient, paper, tile=16)
+    expected = canny_batch(img, 10, 40, ksize=ksize, l2_gradient=l2_gradient, gradient=gradient)
+    assert int((out.cpu() != expected).sum()) == 0
 
 
-def test_one_program_path_poisoned_output(rng):
-    img = smooth_random(rng, (2, 9, 9))
+@pytest.mark.parametrize("shape", [(2, 9, 9), (1, 20, 33)], ids=("block32", "block64"))
+def test_one_program_path_poisoned_output(rng, shape):
+    img = smooth_random(rng, shape)
     out = torch.full(img.shape, 77, dtype=torch.uint8, device=DEVICE)
     triton_canny._canny_batch(img.to(DEVICE), out, 10, 40, 5, False, False)
     assert int((out.cpu() != canny_batch(img, 10, 40)).sum()) == 0
+
+
+def test_one_program_blocks():
+    """Square blocks of two sides, 8 pixels per thread (at 16 the kernel spills); past 64 x 64 the tiled path."""
+    assert triton_canny.image_block(1, 1) == (32, 4)
+    assert triton_canny.image_block(32, 7) == (32, 4)
+    assert triton_canny.image_block(33, 1) == (64, 16)
+    assert triton_canny.image_block(48, 48) == (64, 16)
+    assert triton_canny.image_block(64, 64) == (64, 16)
+    assert triton_canny.image_block(65, 2) is None and triton_canny.image_block(2, 65) is None
 
 
 def test_empty():

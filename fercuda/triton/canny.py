@@ -1,6 +1,6 @@
 """Canny in Triton, equal to cv2.Canny(cv2.GaussianBlur(img, (k, k), 0), ...) bit for bit.
 
-Images up to ``_WHOLE_IMAGE_MAX_PIXELS`` (padded to powers of two) run one program per image:
+Images up to 64 x 64 pixels run one program per image:
 blur, gradient, non-maximum suppression and hysteresis to convergence, with scratch buffers
 in global memory between the stages. Larger images run per-tile kernels; their hysteresis
 repeats a tile kernel until no tile changes, which reads one flag on the host per round
@@ -20,9 +20,28 @@ import triton.language as tl
 
 from fercuda import _checks
 
-# Images whose power-of-two padded size is at most this run one program per image.
-_WHOLE_IMAGE_MAX_PIXELS = 64 * 64
+# Images up to 64 x 64 run one program per image, on a square block of one of these sides, so
+# that each option set compiles at most two kernels whatever the image sizes. 8 pixels per
+# thread: at 16 the kernel needs all 255 registers and spills a 1.3 KB stack frame. At 8 (16
+# warps for 64 x 64, so at most 128 registers a thread) the blur runs on row halves, and 4 of
+# the 64 option sets still spill 8 to 16 bytes a thread on sm_90 (none on sm_80): the NMS keeps
+# the gradient and magnitude of its 8 pixels live, and the hysteresis the labels of all 8, which
+# fill the 128 registers. Fewer pixels a thread would need more than 1024 threads (the most a
+# block may have) or a block of less than the image. tests/test_triton_compile.py bounds it.
+_IMAGE_BLOCKS = (32, 64)
+_IMAGE_PIXELS_PER_THREAD = 8
+# Larger images run per-tile kernels on tiles of _TILE x _TILE pixels.
 _TILE = 32
+_TILE_WARPS = 4
+
+
+def image_block(h, w):
+    """(block side, num_warps) of the one-program path for an h x w image; None where the image
+    takes the tiled path."""
+    for side in _IMAGE_BLOCKS:
+        if h <= side and w <= side:
+            return side, max(4, side * side // (32 * _IMAGE_PIXELS_PER_THREAD))
+    return None
 
 
 
@@ -49,54 +68,49 @@ def _load_px(ptr, r, c, W, valid):
 
 
 @triton.jit
-def _row_sum(img_ptr, r, c, W, valid, KSIZE: tl.constexpr):
-    """Horizontal pass of the Gaussian at (r, c), reflect-101 in columns; r already reflected."""
-    if KSIZE == 3:
-        s = (_load_px(img_ptr, r, _reflect101(c - 1, W), W, valid)
-             + 2 * _load_px(img_ptr, r, c, W, valid)
-             + _load_px(img_ptr, r, _reflect101(c + 1, W), W, valid))
-    elif KSIZE == 5:
-        s = (_load_px(img_ptr, r, _reflect101(c - 2, W), W, valid)
-             + 4 * _load_px(img_ptr, r, _reflect101(c - 1, W), W, valid)
-             + 6 * _load_px(img_ptr, r, c, W, valid)
-             + 4 * _load_px(img_ptr, r, _reflect101(c + 1, W), W, valid)
-             + _load_px(img_ptr, r, _reflect101(c + 2, W), W, valid))
+def _tap(ptr, r, c, d, H, W, valid, VERTICAL: tl.constexpr):
+    """src[r + d, c] (VERTICAL) or src[r, c + d], reflect-101 at the border."""
+    if VERTICAL:
+        return _load_px(ptr, _reflect101(r + d, H), c, W, valid)
     else:
-        s = (2 * _load_px(img_ptr, r, _reflect101(c - 3, W), W, valid)
-             + 7 * _load_px(img_ptr, r, _reflect101(c - 2, W), W, valid)
-             + 14 * _load_px(img_ptr, r, _reflect101(c - 1, W), W, valid)
-             + 18 * _load_px(img_ptr, r, c, W, valid)
-             + 14 * _load_px(img_ptr, r, _reflect101(c + 1, W), W, valid)
-             + 7 * _load_px(img_ptr, r, _reflect101(c + 2, W), W, valid)
-             + 2 * _load_px(img_ptr, r, _reflect101(c + 3, W), W, valid))
+        return _load_px(ptr, r, _reflect101(c + d, W), W, valid)
+
+
+@triton.jit
+def _gauss_1d(ptr, r, c, H, W, valid, KSIZE: tl.constexpr, VERTICAL: tl.constexpr):
+    """One pass of cv2's 8-bit Gaussian, its integer taps (1 2 1), (1 4 6 4 1), (2 7 14 18 14 7 2)
+    along columns or rows; int32, not rounded."""
+    if KSIZE == 3:
+        s = (_tap(ptr, r, c, -1, H, W, valid, VERTICAL) + 2 * _tap(ptr, r, c, 0, H, W, valid, VERTICAL)
+             + _tap(ptr, r, c, 1, H, W, valid, VERTICAL))
+    elif KSIZE == 5:
+        s = (_tap(ptr, r, c, -2, H, W, valid, VERTICAL) + 4 * _tap(ptr, r, c, -1, H, W, valid, VERTICAL)
+             + 6 * _tap(ptr, r, c, 0, H, W, valid, VERTICAL) + 4 * _tap(ptr, r, c, 1, H, W, valid, VERTICAL)
+             + _tap(ptr, r, c, 2, H, W, valid, VERTICAL))
+    else:
+        s = (2 * _tap(ptr, r, c, -3, H, W, valid, VERTICAL) + 7 * _tap(ptr, r, c, -2, H, W, valid, VERTICAL)
+             + 14 * _tap(ptr, r, c, -1, H, W, valid, VERTICAL) + 18 * _tap(ptr, r, c, 0, H, W, valid, VERTICAL)
+             + 14 * _tap(ptr, r, c, 1, H, W, valid, VERTICAL) + 7 * _tap(ptr, r, c, 2, H, W, valid, VERTICAL)
+             + 2 * _tap(ptr, r, c, 3, H, W, valid, VERTICAL))
     return s
 
 
 @triton.jit
-def _blur_at(img_ptr, r, c, H, W, valid, KSIZE: tl.constexpr):
-    """cv2.GaussianBlur's 8-bit fixed point: the integer 2-D sum, rounded once; int32."""
-    if KSIZE == 0:
-        return _load_px(img_ptr, r, c, W, valid)
-    elif KSIZE == 3:
-        acc = (_row_sum(img_ptr, _reflect101(r - 1, H), c, W, valid, KSIZE)
-               + 2 * _row_sum(img_ptr, r, c, W, valid, KSIZE)
-               + _row_sum(img_ptr, _reflect101(r + 1, H), c, W, valid, KSIZE))
+def _blur_rows(img_ptr, r, c, H, W, valid, KSIZE: tl.constexpr):
+    """Horizontal pass of the blur at (r, c): the integer row sum, kept exact in int32."""
+    return _gauss_1d(img_ptr, r, c, H, W, valid, KSIZE, False)
+
+
+@triton.jit
+def _blur_cols(rows_ptr, r, c, H, W, valid, KSIZE: tl.constexpr):
+    """Vertical pass over the row sums: the integer 2-D sum of cv2.GaussianBlur's fixed point,
+    rounded once, as the one-pass sum would be (the passes are exact in int32)."""
+    acc = _gauss_1d(rows_ptr, r, c, H, W, valid, KSIZE, True)
+    if KSIZE == 3:
         return (acc + 8) >> 4
     elif KSIZE == 5:
-        acc = (_row_sum(img_ptr, _reflect101(r - 2, H), c, W, valid, KSIZE)
-               + 4 * _row_sum(img_ptr, _reflect101(r - 1, H), c, W, valid, KSIZE)
-               + 6 * _row_sum(img_ptr, r, c, W, valid, KSIZE)
-               + 4 * _row_sum(img_ptr, _reflect101(r + 1, H), c, W, valid, KSIZE)
-               + _row_sum(img_ptr, _reflect101(r + 2, H), c, W, valid, KSIZE))
         return (acc + 128) >> 8
     else:
-        acc = (2 * _row_sum(img_ptr, _reflect101(r - 3, H), c, W, valid, KSIZE)
-               + 7 * _row_sum(img_ptr, _reflect101(r - 2, H), c, W, valid, KSIZE)
-               + 14 * _row_sum(img_ptr, _reflect101(r - 1, H), c, W, valid, KSIZE)
-               + 18 * _row_sum(img_ptr, r, c, W, valid, KSIZE)
-               + 14 * _row_sum(img_ptr, _reflect101(r + 1, H), c, W, valid, KSIZE)
-               + 7 * _row_sum(img_ptr, _reflect101(r + 2, H), c, W, valid, KSIZE)
-               + 2 * _row_sum(img_ptr, _reflect101(r + 3, H), c, W, valid, KSIZE))
         return (acc + 2048) >> 12
 
 
@@ -200,20 +214,34 @@ def _propagate(state_ptr, r, c, H, W, valid, label):
 def _canny_image_kernel(img_ptr, out_ptr, blur_ptr, mag_ptr, state_ptr, H, W, low, high,
                         KSIZE: tl.constexpr, PAPER: tl.constexpr, L2: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The whole pipeline for one image per program; scratch rows hold the stage between
-    barriers because a stage reads its neighbours' results."""
+    """The whole pipeline for one image per program; scratch buffers hold each stage between
+    barriers because a stage reads its neighbours' results. The blur runs as two passes (the
+    row sums in mag's buffer): the 2-D sum in one pass keeps KSIZE**2 loads per pixel live and
+    spills registers."""
     base = tl.program_id(0).to(tl.int64) * H * W
     r = tl.arange(0, BLOCK_H)[:, None]
     c = tl.arange(0, BLOCK_W)[None, :]
     valid = (r < H) & (c < W)
     offs = r * W + c
     img = img_ptr + base
-    blur = blur_ptr + base
     mag = mag_ptr + base
-    b = _blur_at(img, r, c, H, W, valid, KSIZE)
-    tl.store(blur + offs, b.to(tl.uint8), mask=valid)
-    tl.debug_barrier()
-    gx, gy = _gradient_at(blur, r, c, H, W, valid, PAPER)
+    if KSIZE == 0:
+        src = img
+    else:
+        # Each blur pass runs on the block's two row halves in turn: on the whole 64 x 64 block
+        # at once, the KSIZE taps per pixel of the column pass spill registers.
+        src = blur_ptr + base
+        for half in tl.static_range(2):
+            rh = half * (BLOCK_H // 2) + tl.arange(0, BLOCK_H // 2)[:, None]
+            vh = (rh < H) & (c < W)
+            tl.store(mag + rh * W + c, _blur_rows(img, rh, c, H, W, vh, KSIZE), mask=vh)
+        tl.debug_barrier()
+        for half in tl.static_range(2):
+            rh = half * (BLOCK_H // 2) + tl.arange(0, BLOCK_H // 2)[:, None]
+            vh = (rh < H) & (c < W)
+            tl.store(src + rh * W + c, _blur_cols(mag, rh, c, H, W, vh, KSIZE).to(tl.uint8), mask=vh)
+        tl.debug_barrier()
+    gx, gy = _gradient_at(src, r, c, H, W, valid, PAPER)
     m = _magnitude(gx, gy, L2)
     tl.store(mag + offs, m, mask=valid)
     tl.debug_barrier()
@@ -237,9 +265,17 @@ def _tile_coords(H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
-def _blur_tile_kernel(img_ptr, blur_ptr, H, W, KSIZE: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+def _blur_rows_tile_kernel(img_ptr, rows_ptr, H, W, KSIZE: tl.constexpr, TILE_H: tl.constexpr,
+                           TILE_W: tl.constexpr):
     base, r, c, valid = _tile_coords(H, W, TILE_H, TILE_W)
-    b = _blur_at(img_ptr + base, r, c, H, W, valid, KSIZE)
+    tl.store(rows_ptr + base + r * W + c, _blur_rows(img_ptr + base, r, c, H, W, valid, KSIZE), mask=valid)
+
+
+@triton.jit
+def _blur_cols_tile_kernel(rows_ptr, blur_ptr, H, W, KSIZE: tl.constexpr, TILE_H: tl.constexpr,
+                           TILE_W: tl.constexpr):
+    base, r, c, valid = _tile_coords(H, W, TILE_H, TILE_W)
+    b = _blur_cols(rows_ptr + base, r, c, H, W, valid, KSIZE)
     tl.store(blur_ptr + base + r * W + c, b.to(tl.uint8), mask=valid)
 
 
@@ -321,29 +357,35 @@ def canny_thresholds(low, high, l2_gradient):
 def _canny_batch(batch, out, low, high, ksize, l2_gradient, paper, tile=None):
     """batch, out: contiguous (N, H, W) uint8; tile forces the tiled path (tile x tile)."""
     n, h, w = batch.shape
-    block_h, block_w = triton.next_power_of_2(h), triton.next_power_of_2(w)
-    blur = torch.empty_like(batch)
     mag = torch.empty(batch.shape, dtype=torch.int32, device=batch.device)
     state = torch.empty_like(batch)
-    if tile is None and block_h * block_w <= _WHOLE_IMAGE_MAX_PIXELS:
+    block = image_block(h, w) if tile is None else None
+    if block is not None:
+        side, num_warps = block
+        blur = torch.empty_like(batch) if ksize else batch
         _canny_image_kernel[(n,)](
             batch, out, blur, mag, state, h, w, low, high,
-            KSIZE=ksize, PAPER=paper, L2=l2_gradient, BLOCK_H=block_h, BLOCK_W=block_w,
-            num_warps=4 if block_h * block_w <= 2048 else 8,
+            KSIZE=ksize, PAPER=paper, L2=l2_gradient, BLOCK_H=side, BLOCK_W=side, num_warps=num_warps,
         )
         return
     t = tile or _TILE
     grid = (n * triton.cdiv(h, t) * triton.cdiv(w, t),)
-    _blur_tile_kernel[grid](batch, blur, h, w, KSIZE=ksize, TILE_H=t, TILE_W=t)
-    _magnitude_tile_kernel[grid](blur, mag, h, w, PAPER=paper, L2=l2_gradient, TILE_H=t, TILE_W=t)
-    _nms_tile_kernel[grid](blur, mag, state, h, w, low, high, PAPER=paper, L2=l2_gradient, TILE_H=t, TILE_W=t)
+    launch = dict(TILE_H=t, TILE_W=t, num_warps=_TILE_WARPS)
+    src = batch
+    if ksize:
+        # The row sums share mag's buffer: the magnitudes are written after the blur has read them.
+        _blur_rows_tile_kernel[grid](batch, mag, h, w, KSIZE=ksize, **launch)
+        src = torch.empty_like(batch)
+        _blur_cols_tile_kernel[grid](mag, src, h, w, KSIZE=ksize, **launch)
+    _magnitude_tile_kernel[grid](src, mag, h, w, PAPER=paper, L2=l2_gradient, **launch)
+    _nms_tile_kernel[grid](src, mag, state, h, w, low, high, PAPER=paper, L2=l2_gradient, **launch)
     changed = torch.zeros(1, dtype=torch.int32, device=batch.device)
     while True:
         changed.zero_()
-        _hysteresis_tile_kernel[grid](state, changed, h, w, TILE_H=t, TILE_W=t)
+        _hysteresis_tile_kernel[grid](state, changed, h, w, **launch)
         if int(changed.item()) == 0:  # the one host synchronization per round
             break
-    _edges_tile_kernel[grid](state, out, h, w, TILE_H=t, TILE_W=t)
+    _edges_tile_kernel[grid](state, out, h, w, **launch)
 
 
 @torch.library.custom_op("fercuda::canny_triton", mutates_args=())
