@@ -183,6 +183,20 @@ def check_dwconv_channel_arg(op, t, arg, x, channels, allow_float32):
     check_like_x(t, arg, x, op, allow_float32)
 
 
+def dwconv_out_size(size, stride, padding):
+    """Output extent of the fused block's 3x3 window along one axis (<= 0: no output); the formula
+    of dwconv::out_size in csrc/include/fercuda/dwconv_math.h."""
+    return (size + 2 * padding - 3) // stride + 1
+
+
+def dwconv_channels_last(x):
+    """Whether the fused block runs x, and lays out its outputs, in channels_last: x is
+    channels_last-contiguous and not also NCHW-contiguous (a tensor that is both, such as C == 1
+    or H == W == 1, runs as NCHW; one contiguous in neither is copied to NCHW). The rule of
+    fercuda::dwconv_channels_last in csrc/include/fercuda/checks.h, which every kernel follows."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, mean, var, stride, padding,
                       mean_arg="running_mean", var_arg="running_var", allow_double=None):
     _check(
@@ -218,7 +232,7 @@ def dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, mean, var, stride,
         lambda: f"fercuda.{op}: the padded input must be at least 3x3 for a 3x3 kernel, got x of shape "
         f"{shape_str(x)} with padding {padding}",
     )
-    return n, c, (h + 2 * padding - 3) // stride + 1, (w + 2 * padding - 3) // stride + 1
+    return n, c, dwconv_out_size(h, stride, padding), dwconv_out_size(w, stride, padding)
 
 
 def check_dwconv_eps(op, eps):

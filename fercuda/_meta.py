@@ -18,6 +18,7 @@ from fercuda._checks import (
     check_ksize,
     check_same_shape,
     check_threshold,
+    dwconv_channels_last,
     dwconv_out_shape,
 )
 
@@ -77,10 +78,7 @@ def _canny_fake(img, low=50.0, high=150.0, ksize=5, l2_gradient=False, gradient=
 # op names the op in the messages, allow_double as in dwconv_out_shape.
 
 def _dwconv_memory_format(x):
-    # Same rule as the kernels: channels_last only when x is not also NCHW-contiguous.
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if dwconv_channels_last(x) else torch.contiguous_format
 
 
 def _dwconv_empty(x, shape):

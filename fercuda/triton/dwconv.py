@@ -245,13 +245,9 @@ def _check_args(op, x, weight, bias, bn_weight, bn_bias, stat_a, stat_a_name, st
                                     stat_a_name, stat_b_name, allow_double=False)
 
 
-def _out_size(size, stride, padding):
-    return (size + 2 * padding - 3) // stride + 1
-
-
 def _layout(x):
     """(memory format, channels_last?, x contiguous in it) — channels_last where x's strides say so."""
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _checks.dwconv_channels_last(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return fmt, channels_last, x.contiguous(memory_format=fmt)
 
@@ -261,15 +257,26 @@ def _strides(t):
     return tuple(int(s) for s in t.stride())
 
 
+# Launch parameters, on a GPU and under the interpreter (where each program costs milliseconds):
+# elements per program of the elementwise kernels, (positions, channels) tile of the reductions
+# by layout (channels_last or not). fercuda.triton.resources compiles the GPU ones.
+_BLOCK = {"gpu": 1024, "interpreter": 256}
+_REDUCE_TILE = {"gpu": {False: (256, 1), True: (8, 32)}, "interpreter": {False: (32, 1), True: (8, 4)}}
+_NUM_WARPS = 4
+
+
+def _where(t):
+    return "gpu" if t.is_cuda else "interpreter"
+
+
 def _reduce_plan(x, channels, positions, channels_last):
     """Tile sizes and the splits of the positions: enough programs to fill a GPU several times,
-    few under the interpreter (each program costs milliseconds there), but more than one split
-    whenever the positions allow, so the merge of partial results is exercised everywhere."""
+    few under the interpreter, but more than one split whenever the positions allow, so the
+    merge of partial results is exercised everywhere."""
+    block_p, block_c = _REDUCE_TILE[_where(x)][channels_last]
     if x.is_cuda:
-        block_p, block_c = (8, 32) if channels_last else (256, 1)
         target = 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
     else:
-        block_p, block_c = (8, 4) if channels_last else (32, 1)
         target = 4
     groups = triton.cdiv(channels, block_c)
     splits = max(1, triton.cdiv(target, groups))
@@ -288,14 +295,14 @@ def _apply(x_c, channels_last, weight, bias, p, from_running, eps, stride, paddi
     n, c, h, w = x_c.shape
     ho, wo = out.shape[2], out.shape[3]
     total = out.numel()
-    block = 1024 if x_c.is_cuda else 256
+    block = _BLOCK[_where(x_c)]
     dummy = p[0]
     _dwconv_bn_relu6_apply_kernel[(triton.cdiv(total, block),)](
         out, x_c, weight, bias if bias is not None else dummy, p[0], p[1],
         p[2] if from_running else dummy, p[3] if from_running else dummy, float(eps), total,
         c, h, w, ho, wo, *_strides(x_c),
         HAS_BIAS=bias is not None, FROM_RUNNING=from_running, CHANNELS_LAST=channels_last,
-        STRIDE=stride, PAD=padding, BLOCK=block, INDEX_64=_needs_int64(x_c, out), num_warps=4,
+        STRIDE=stride, PAD=padding, BLOCK=block, INDEX_64=_needs_int64(x_c, out), num_warps=_NUM_WARPS,
     )
 
 
@@ -316,7 +323,7 @@ def _reduce(kind, x_c, channels_last, weight, bias, ho, wo, stride, padding, *, 
         g if g is not None else dummy, bn_weight, bn_bias, mean, invstd, coef if coef is not None else dummy,
         c, h, w, ho, wo, positions, chunk, *_strides(x_c), *y_strides,
         KIND=kind, HAS_BIAS=bias is not None, STRIDE=stride, PAD=padding, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=4,
+        num_warps=_NUM_WARPS,
     )
     return slots, slots_w
 
@@ -337,7 +344,7 @@ def dwconv_bn_relu6_triton(
     _checks.check_dwconv_eps(op, eps)
     fmt, channels_last, x_c = _layout(x)
     n, c, h, w = x.shape
-    out = torch.empty((n, c, _out_size(h, stride, padding), _out_size(w, stride, padding)), device=x.device,
+    out = torch.empty((n, c, _checks.dwconv_out_size(h, stride, padding), _checks.dwconv_out_size(w, stride, padding)), device=x.device,
                       dtype=x.dtype, memory_format=fmt)
     if out.numel() == 0:
         return out
@@ -362,7 +369,7 @@ def dwconv_bn_relu6_train_triton(
     _checks.check_dwconv_momentum(op, momentum)
     fmt, channels_last, x_c = _layout(x)
     n, c, h, w = x.shape
-    ho, wo = _out_size(h, stride, padding), _out_size(w, stride, padding)
+    ho, wo = _checks.dwconv_out_size(h, stride, padding), _checks.dwconv_out_size(w, stride, padding)
     out = torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     if out.numel() == 0:
         # nn.BatchNorm2d leaves the running statistics alone on an empty batch.
@@ -396,7 +403,7 @@ def dwconv_bn_relu6_backward_triton(
     op = "dwconv_bn_relu6_backward_triton"
     _check_args(op, x, weight, bias, bn_weight, bn_bias, mean, "mean", invstd, "invstd", stride, padding)
     n, c, h, w = x.shape
-    ho, wo = _out_size(h, stride, padding), _out_size(w, stride, padding)
+    ho, wo = _checks.dwconv_out_size(h, stride, padding), _checks.dwconv_out_size(w, stride, padding)
     _checks.check_dwconv_grad_out(op, grad_out, x, (n, c, ho, wo))
     fmt, channels_last, x_c = _layout(x)
     positions = n * ho * wo
@@ -423,11 +430,11 @@ def dwconv_bn_relu6_backward_triton(
     grad_bias = slots_b.double().sum(0)[:, 0].to(weight.dtype)
     grad_weight = slots_w.double().sum(0)[:, :9].reshape(c, 1, 3, 3).to(weight.dtype)
     total = grad_x.numel()
-    block = 1024 if x.is_cuda else 256
+    block = _BLOCK[_where(x)]
     _dwconv_grad_input_kernel[(triton.cdiv(total, block),)](
         grad_x, gz, weight_c, total, c, h, w, ho, wo, *_strides(gz),
         CHANNELS_LAST=channels_last, STRIDE=stride, PAD=padding, BLOCK=block, INDEX_64=_needs_int64(grad_x, gz),
-        num_warps=4,
+        num_warps=_NUM_WARPS,
     )
     return grad_x, grad_weight, grad_bias, sum_gyx.to(bn_weight.dtype), sum_gy.to(bn_bias.dtype)
 
