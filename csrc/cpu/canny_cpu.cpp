@@ -25,12 +25,6 @@
 #include "fercuda/canny_math.h"
 #include "fercuda/checks.h"
 
-// The hot row loops get an AVX2 clone chosen at load time, and a baseline one elsewhere.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FERCUDA_HOT __attribute__((target_clones("avx2", "default")))
-#else
-#define FERCUDA_HOT
-#endif
 #define FERCUDA_INLINE inline __attribute__((always_inline))
 
 namespace fercuda {
@@ -91,20 +85,20 @@ FERCUDA_INLINE void blur_row_body(const uint8_t* const* src, int64_t w, uint16_t
   }
 }
 
-FERCUDA_HOT void blur_row3(const uint8_t* const* src, int64_t w, uint16_t* vsum, uint8_t* out) {
+FERCUDA_SIMD void blur_row3(const uint8_t* const* src, int64_t w, uint16_t* vsum, uint8_t* out) {
   blur_row_body<3>(src, w, vsum, out);
 }
-FERCUDA_HOT void blur_row5(const uint8_t* const* src, int64_t w, uint16_t* vsum, uint8_t* out) {
+FERCUDA_SIMD void blur_row5(const uint8_t* const* src, int64_t w, uint16_t* vsum, uint8_t* out) {
   blur_row_body<5>(src, w, vsum, out);
 }
-FERCUDA_HOT void blur_row7(const uint8_t* const* src, int64_t w, uint16_t* vsum, uint8_t* out) {
+FERCUDA_SIMD void blur_row7(const uint8_t* const* src, int64_t w, uint16_t* vsum, uint8_t* out) {
   blur_row_body<7>(src, w, vsum, out);
 }
 
 // Sobel aperture 3 with a replicate border for row g, from source rows a0 = g-1, a1 = g,
 // a2 = g+1 (already clamped). vs / vd hold the vertical smoothing / difference with one
 // replicated column on each side (width w + 2).
-FERCUDA_HOT void sobel_row(const uint8_t* a0, const uint8_t* a1, const uint8_t* a2, int64_t w, int16_t* vs,
+FERCUDA_SIMD void sobel_row(const uint8_t* a0, const uint8_t* a1, const uint8_t* a2, int64_t w, int16_t* vs,
                            int16_t* vd, int16_t* dx, int16_t* dy) {
 #pragma GCC ivdep
   for (int64_t c = 0; c < w; ++c) {
@@ -125,7 +119,7 @@ FERCUDA_HOT void sobel_row(const uint8_t* a0, const uint8_t* a1, const uint8_t* 
 
 // The paper's doubled differences for row r from rows b0 = r and b1 = r + 1 (clamped), the
 // column beyond the last replicated: dx = 2P, dy = -2Q (rows grow downward).
-FERCUDA_HOT void paper_row(const uint8_t* b0, const uint8_t* b1, int64_t w, int16_t* dx, int16_t* dy) {
+FERCUDA_SIMD void paper_row(const uint8_t* b0, const uint8_t* b1, int64_t w, int16_t* dx, int16_t* dy) {
 #pragma GCC ivdep
   for (int64_t c = 0; c + 1 < w; ++c) {
     dx[c] = static_cast<int16_t>(paper_p2(b0[c], b0[c + 1], b1[c], b1[c + 1]));
@@ -137,7 +131,7 @@ FERCUDA_HOT void paper_row(const uint8_t* b0, const uint8_t* b1, int64_t w, int1
 }
 
 // Magnitudes with a zero column on each side (width w + 2): outside the image m = 0.
-FERCUDA_HOT void magnitude_row(const int16_t* dx, const int16_t* dy, int64_t w, bool l2, int32_t* mag) {
+FERCUDA_SIMD void magnitude_row(const int16_t* dx, const int16_t* dy, int64_t w, bool l2, int32_t* mag) {
   mag[0] = 0;
   mag[w + 1] = 0;
   if (l2) {
@@ -155,7 +149,7 @@ FERCUDA_HOT void magnitude_row(const int16_t* dx, const int16_t* dy, int64_t w, 
 // Non-maximum suppression and double threshold of one row: mu, mc, md are the magnitudes of
 // the rows above, at and below (padded, zeros outside the image). Branch-free so it runs
 // on vector lanes: every neighbour test is computed and the sector selects one.
-FERCUDA_HOT void nms_row(const int16_t* dx, const int16_t* dy, const int32_t* mu, const int32_t* mc,
+FERCUDA_SIMD void nms_row(const int16_t* dx, const int16_t* dy, const int32_t* mu, const int32_t* mc,
                          const int32_t* md, int64_t w, int low, int high, uint8_t* out) {
 #pragma GCC ivdep
   for (int64_t c = 0; c < w; ++c) {
@@ -174,7 +168,7 @@ FERCUDA_HOT void nms_row(const int16_t* dx, const int16_t* dy, const int32_t* mu
 }
 
 // After hysteresis: 255 for strong pixels and the weak ones reached, 0 elsewhere.
-FERCUDA_HOT void finish_row(uint8_t* row, int64_t w) {
+FERCUDA_SIMD void finish_row(uint8_t* row, int64_t w) {
 #pragma GCC ivdep
   for (int64_t c = 0; c < w; ++c) row[c] = row[c] >= kStrong ? 255 : 0;
 }
@@ -234,7 +228,7 @@ void flood(uint8_t* map, int64_t w, int64_t r0, int64_t r1, std::vector<Pixel>& 
 
 // 1 where a pixel or one of its left and right neighbours is strong: three of these rows
 // (above, at, below) tell which weak pixels touch a strong one, the seeds of hysteresis.
-FERCUDA_HOT void strong_dilated_row(const uint8_t* row, int64_t w, uint8_t* dilated) {
+FERCUDA_SIMD void strong_dilated_row(const uint8_t* row, int64_t w, uint8_t* dilated) {
   auto strong = [](uint8_t v) { return static_cast<uint8_t>(v == kStrong); };
 #pragma GCC ivdep
   for (int64_t c = 1; c + 1 < w; ++c) dilated[c] = strong(row[c - 1]) | strong(row[c]) | strong(row[c + 1]);
@@ -242,7 +236,7 @@ FERCUDA_HOT void strong_dilated_row(const uint8_t* row, int64_t w, uint8_t* dila
   if (w > 1) dilated[w - 1] = strong(row[w - 2]) | strong(row[w - 1]);
 }
 
-FERCUDA_HOT void seeds_row(const uint8_t* row, const uint8_t* up, const uint8_t* at, const uint8_t* down, int64_t w,
+FERCUDA_SIMD void seeds_row(const uint8_t* row, const uint8_t* up, const uint8_t* at, const uint8_t* down, int64_t w,
                            uint8_t* flags) {
 #pragma GCC ivdep
   for (int64_t c = 0; c < w; ++c) flags[c] = static_cast<uint8_t>(row[c] == kWeak) & (up[c] | at[c] | down[c]);

@@ -34,9 +34,6 @@
 #include "fercuda/checks.h"
 #include "fercuda/dwconv_math.h"
 
-// x86-64-v3 is AVX2 with FMA (every AVX2 CPU we target has both); the resolver picks the
-// clone from CPU features at load time, so the library still runs on older CPUs.
-#define FERCUDA_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
 
 namespace fercuda {
 namespace {
@@ -45,10 +42,6 @@ using dwconv::kTaps;
 
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-bool is_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 at::Tensor as_layout(const at::Tensor& t, bool channels_last) {
   return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
@@ -574,7 +567,7 @@ at::Tensor dwconv_bn_relu6_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   const auto out = check_dwconv_args(op, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride,
                                      padding, "running_mean", "running_var", /*allow_double=*/true);
   check_dwconv_eps(op, eps);
-  const bool cl = is_channels_last(x_in);
+  const bool cl = dwconv_channels_last(x_in);
   const at::Tensor x = as_layout(x_in, cl);
   at::Tensor y = empty_output(x, out, cl);
   if (y.numel() == 0) return y;
@@ -600,7 +593,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
                                      padding, "running_mean", "running_var", /*allow_double=*/true);
   check_dwconv_eps(op, eps);
   check_dwconv_momentum(op, momentum);
-  const bool cl = is_channels_last(x_in);
+  const bool cl = dwconv_channels_last(x_in);
   const at::Tensor x = as_layout(x_in, cl);
   at::Tensor y = empty_output(x, out, cl);
   const int64_t channels = out[1];
@@ -701,7 +694,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   const auto out = check_dwconv_args(op, x_in, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
                                      "mean", "invstd", /*allow_double=*/true);
   check_dwconv_grad_out(op, grad_out_in, x_in, out);
-  const bool cl = is_channels_last(x_in);
+  const bool cl = dwconv_channels_last(x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous();
   const int64_t channels = out[1];

@@ -43,7 +43,8 @@ Prepared prepare(const char* op, const at::Tensor& x_in, int64_t stride, int64_t
   const bool fits = c <= kIntMax && padding <= kIntMax / 4 && h + 2 * padding <= kIntMax && w + 2 * padding <= kIntMax;
   TORCH_CHECK(fits, "fercuda.", op, ": C and the padded H and W must each fit in int32, got shape ", shape_str(x_in),
               " and padding ", padding);
-  const at::MemoryFormat format = x_in.suggest_memory_format();
+  const at::MemoryFormat format =
+      dwconv_channels_last(x_in) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   return {make_problem(x_in.size(0), c, h, w, stride, padding, format == at::MemoryFormat::ChannelsLast),
           x_in.contiguous(format), format};
 }

@@ -8,11 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FERCUDA_HD __host__ __device__ __forceinline__
-#else
-#define FERCUDA_HD inline
-#endif
+#include "fercuda/hd.h"
 
 namespace fercuda {
 namespace canny {

@@ -9,6 +9,8 @@
 #include <cmath>
 #include <string>
 
+#include "fercuda/dwconv_math.h"
+
 namespace fercuda {
 
 inline std::string shape_str(const at::Tensor& t) {
@@ -90,6 +92,14 @@ inline void check_dwconv_channel_arg(const at::Tensor& t, const char* arg, const
               c10::toString(t.scalar_type()));
 }
 
+// Whether the fused block runs x, and lays out its outputs, in channels_last: x is
+// channels_last-contiguous and not also NCHW-contiguous (a tensor that is both, such as C == 1
+// or H == W == 1, runs as NCHW; one contiguous in neither is copied to NCHW). Every kernel, the
+// fake kernels and the Triton ops follow this rule (fercuda._checks.dwconv_channels_last).
+inline bool dwconv_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // Validates the arguments every dwconv_bn_relu6 op shares and returns the output shape
 // (N, C, H_out, W_out). `running_mean` / `running_var` are the mean / invstd of the backward.
 inline std::array<int64_t, 4> check_dwconv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
@@ -119,8 +129,8 @@ inline std::array<int64_t, 4> check_dwconv_args(const char* op, const at::Tensor
   check_dwconv_channel_arg(running_var, var_arg, x, channels, true, op);
   TORCH_CHECK(stride == 1 || stride == 2, "fercuda.", op, ": argument 'stride' must be 1 or 2, got ", stride);
   TORCH_CHECK(padding >= 0, "fercuda.", op, ": argument 'padding' must be >= 0, got ", padding);
-  const int64_t h_out = (x.size(2) + 2 * padding - 3) / stride + 1;
-  const int64_t w_out = (x.size(3) + 2 * padding - 3) / stride + 1;
+  const int64_t h_out = dwconv::out_size(x.size(2), stride, padding);
+  const int64_t w_out = dwconv::out_size(x.size(3), stride, padding);
   TORCH_CHECK(x.size(2) + 2 * padding >= 3 && x.size(3) + 2 * padding >= 3, "fercuda.", op,
               ": the padded input must be at least 3x3 for a 3x3 kernel, got x of shape ", shape_str(x),
               " with padding ", padding);

@@ -10,13 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef FERCUDA_HD
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FERCUDA_HD __host__ __device__ __forceinline__
-#else
-#define FERCUDA_HD inline
-#endif
-#endif
+#include "fercuda/hd.h"
 
 namespace fercuda {
 namespace dwconv {
@@ -57,18 +51,6 @@ template <typename T>
 FERCUDA_HD BNFold<T> bn_fold(T bias, T bn_weight, T bn_bias, T mean, T invstd) {
   const T scale = bn_weight * invstd;
   return {scale, (bias - mean) * scale + bn_bias};
-}
-
-// One output of a depthwise 3x3 window over rows r0..r2 (each already offset to the
-// window's left column), taps w in row-major order. Zero padding is the caller's: it
-// passes rows of a padded plane. Plain multiply-adds: the compilers contract them to
-// FMA where the target has it, and no libm call is left in a CPU loop.
-template <typename T>
-FERCUDA_HD T tap_sum(const T* r0, const T* r1, const T* r2, int64_t col_step, const T* w, T acc) {
-  acc += r0[0] * w[0] + r0[col_step] * w[1] + r0[2 * col_step] * w[2];
-  acc += r1[0] * w[3] + r1[col_step] * w[4] + r1[2 * col_step] * w[5];
-  acc += r2[0] * w[6] + r2[col_step] * w[7] + r2[2 * col_step] * w[8];
-  return acc;
 }
 
 // Gradient of the pre-BatchNorm conv output z from the gradient g at y:
