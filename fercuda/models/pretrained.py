@@ -127,7 +127,7 @@ def export_pretrained(run_dir, data, dest=PRETRAINED_FILE, batch_size: int | Non
         "training_args": {k: args[k] for k in sorted(args) if k not in ("data", "out", "cache_dir", "resume")},
         "training_command": args.get("command_line"),
         "fercuda_version": fercuda.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a TorchVersion would not load with weights_only
     }
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
