@@ -189,18 +189,21 @@ def test_gradcheck(training, stride, channels_last, rng):
 @pytest.mark.parametrize("training", [False, True], ids=["frozen_bn", "batch_stats"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_matches_reference(training, channels_last, dtype, rng):
-    shape = (3, 5, 11, 10)
+# Channel counts below, at and past the vector blocks of the channels_last kernels (32 floats).
+@pytest.mark.parametrize("shape,stride", [((3, 5, 11, 10), 2), ((2, 37, 9, 8), 1), ((2, 70, 6, 6), 1),
+                                          ((2, 33, 7, 9), 2)], ids=str)
+def test_backward_matches_reference(training, channels_last, dtype, shape, stride, rng):
+    n, c, h, w = shape
     args = sample_inputs(shape, dtype, channels_last=channels_last, gen=rng, requires_grad=True)
-    grad = torch.randn(3, 5, 6, 5, generator=rng, dtype=torch.float64)
-    y = dwconv_bn_relu6(*args[:5], args[5].clone(), args[6].clone(), stride=2, training=training)
+    grad = torch.randn(n, c, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=rng, dtype=torch.float64)
+    y = dwconv_bn_relu6(*args[:5], args[5].clone(), args[6].clone(), stride=stride, training=training)
     grads = torch.autograd.grad(y, [args[i] for i in range(5)], grad.to(dtype))
     assert_layout(grads[0], args[0])
 
     def reference_grads(dt):
         leaves = [t.detach().to(dt).requires_grad_() for t in args[:5]]
         bn = [t.to(dt) for t in args[5:]]
-        out = F.relu6(F.batch_norm(F.conv2d(leaves[0], leaves[1], leaves[2], 2, 1, groups=5), bn[0].clone(),
+        out = F.relu6(F.batch_norm(F.conv2d(leaves[0], leaves[1], leaves[2], stride, 1, groups=c), bn[0].clone(),
                                    bn[1].clone(), leaves[3], leaves[4], training, 0.1, 1e-5))
         return torch.autograd.grad(out, leaves, grad.to(dt))
 

@@ -17,8 +17,7 @@
 //             them; pass 2 recomputes the same, forms gz, and produces grad_x (transposed
 //             depthwise conv) and the grad_weight / grad_bias reductions.
 //             frozen BatchNorm (training=False): gz is local, 1 pass.
-// The channels_last backward runs on NCHW copies of x and grad_out and converts grad_x back
-// (three extra copies): a native channels_last backward is still to be written.
+// channels_last backward: one task per image, the same two passes along C (backward_cl).
 //
 // Reductions are deterministic: per-plane (per-row) partials land in fixed slots and are
 // combined in a fixed order in double precision.
@@ -59,6 +58,18 @@ at::Tensor widen(const at::Tensor& t) {
   return t.to(c10::CppTypeToScalarType<T>::value).contiguous();
 }
 
+// dst[i] = src[i] converted (bfloat16 / float16 widened, or narrowed with rounding to nearest).
+template <typename From, typename To>
+FERCUDA_SIMD void convert_run(const From* __restrict src, int64_t n, To* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(src[i]);
+}
+
+// dst[i] = relu6(src[i]), narrowed to the output dtype.
+template <typename T, typename To>
+FERCUDA_SIMD void relu6_convert_run(const T* __restrict src, int64_t n, To* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(dwconv::relu6(src[i]));
+}
+
 // A run of n values of the tensor's dtype as T: the same memory when the types agree,
 // else a widened copy in buf.
 template <typename scalar_t, typename T>
@@ -66,7 +77,7 @@ const T* load_as(const scalar_t* p, int64_t n, T* buf) {
   if constexpr (std::is_same_v<scalar_t, T>) {
     return p;
   } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<T>(p[i]);
+    convert_run(p, n, buf);
     return buf;
   }
 }
@@ -192,21 +203,50 @@ FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, const T* __restrict valid,
   m2 = combine_lanes(acc2, tail);
 }
 
-// channels_last: one output row (shift[c] + 3x3 window, then ReLU6 when kRelu6) written
-// straight to out[ox][c], from three input rows (W, C) of the accumulation type; a null
-// row is zero padding. Channels go in blocks of kClVecs vectors held in registers across all
-// nine taps, so each output is stored once and never re-read;
-// the taps are summed in a fixed order (ky, then kx).
+// channels_last rows: (W, C) arrays of the accumulation type; in conv_row_cl_fused, three
+// input rows (a null row is zero padding) give one output row (shift[c] + 3x3 window, then
+// ReLU6 when kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
 
 constexpr int kClVecs = 4;
 template <typename T>
 constexpr int64_t kClBlockOf = kClVecs * kVecLen<T>;
 
+// out[c] = shift[c] + sum over the n_taps pairs of xs[t][c] * ws[t][c] (then ReLU6 when
+// kRelu6), for all channels: blocks of kClVecs vectors stay in registers across the taps, so
+// each output is stored once and never re-read; the taps are summed in the order given.
+template <typename T, bool kRelu6>
+__attribute__((always_inline)) inline void taps_dot_cl(const T* const* xs, const T* const* ws, int n_taps,
+                                                       const T* __restrict shift, int64_t channels,
+                                                       T* __restrict out) {
+  constexpr int64_t kClBlock = kClBlockOf<T>;
+  int64_t c0 = 0;
+  for (; c0 + kClBlock <= channels; c0 += kClBlock) {
+    Vec<T> acc[kClVecs];
+    for (int v = 0; v < kClVecs; ++v) acc[v] = load_vec(shift + c0 + v * kVecLen<T>);
+    for (int t = 0; t < n_taps; ++t)
+      for (int v = 0; v < kClVecs; ++v)
+        acc[v] += load_vec(xs[t] + c0 + v * kVecLen<T>) * load_vec(ws[t] + c0 + v * kVecLen<T>);
+    for (int v = 0; v < kClVecs; ++v) {
+      Vec<T> a = acc[v];
+      if constexpr (kRelu6) {
+        // relu6 lane by lane, as dwconv::relu6 (NaN propagates).
+        const Vec<T> zero = Vec<T>{}, six = zero + T(6);
+        a = a < zero ? zero : (a > six ? six : a);
+      }
+      store_vec(out + c0 + v * kVecLen<T>, a);
+    }
+  }
+  for (; c0 < channels; ++c0) {
+    T acc = shift[c0];
+    for (int t = 0; t < n_taps; ++t) acc += xs[t][c0] * ws[t][c0];
+    out[c0] = kRelu6 ? dwconv::relu6(acc) : acc;
+  }
+}
+
 template <typename T, bool kRelu6>
 FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
                                     int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
                                     T* __restrict out) {
-  constexpr int64_t kClBlock = kClBlockOf<T>;
   for (int64_t ox = 0; ox < w_out; ++ox) {
     const T* xs[kTaps];
     const T* ws[kTaps];
@@ -221,29 +261,133 @@ FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64
         ++n_taps;
       }
     }
-    T* __restrict zo = out + ox * channels;
-    int64_t c0 = 0;
-    for (; c0 + kClBlock <= channels; c0 += kClBlock) {
-      Vec<T> acc[kClVecs];
-      for (int v = 0; v < kClVecs; ++v) acc[v] = load_vec(shift + c0 + v * kVecLen<T>);
-      for (int t = 0; t < n_taps; ++t)
-        for (int v = 0; v < kClVecs; ++v)
-          acc[v] += load_vec(xs[t] + c0 + v * kVecLen<T>) * load_vec(ws[t] + c0 + v * kVecLen<T>);
-      for (int v = 0; v < kClVecs; ++v) {
-        Vec<T> a = acc[v];
-        if constexpr (kRelu6) {
-          // relu6 lane by lane, as dwconv::relu6 (NaN propagates).
-          const Vec<T> zero = Vec<T>{}, six = zero + T(6);
-          a = a < zero ? zero : (a > six ? six : a);
-        }
-        store_vec(zo + c0 + v * kVecLen<T>, a);
+    taps_dot_cl<T, kRelu6>(xs, ws, n_taps, shift, channels, out + ox * channels);
+  }
+}
+
+// channels_last backward, one input row iy of grad_x: the transposed conv written as a gather,
+// gx[ix][c] = sum over the taps (ky, kx) that put input (iy, ix) under an output (oy, ox) of
+// gz[oy][ox][c] * w[ky][kx][c]; gz is the image's (H_out, W_out, C) gradient, zeros a (C,)
+// vector of zeros.
+template <typename T>
+FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64_t w_out, int64_t iy, int64_t width,
+                                    int64_t channels, int64_t padding, int64_t stride, const T* __restrict w9c,
+                                    const T* __restrict zeros, T* __restrict out) {
+  // stride is 1 or 2: shifts and masks, not divisions, in this per-pixel loop.
+  const int64_t shift = stride == 2 ? 1 : 0, odd = stride - 1;
+  for (int64_t ix = 0; ix < width; ++ix) {
+    const T* gs[kTaps];
+    const T* ws[kTaps];
+    int n_taps = 0;
+    for (int ky = 0; ky < 3; ++ky) {
+      const int64_t ny = iy + padding - ky;
+      if (ny < 0 || (ny & odd) != 0 || (ny >> shift) >= h_out) continue;
+      const int64_t oy = ny >> shift;
+      for (int kx = 0; kx < 3; ++kx) {
+        const int64_t nx = ix + padding - kx;
+        if (nx < 0 || (nx & odd) != 0 || (nx >> shift) >= w_out) continue;
+        gs[n_taps] = gz + (oy * w_out + (nx >> shift)) * channels;
+        ws[n_taps] = w9c + (ky * 3 + kx) * channels;
+        ++n_taps;
       }
     }
-    for (; c0 < channels; ++c0) {
-      T acc = shift[c0];
-      for (int t = 0; t < n_taps; ++t) acc += xs[t][c0] * ws[t][c0];
-      zo[c0] = kRelu6 ? dwconv::relu6(acc) : acc;
+    taps_dot_cl<T, false>(gs, ws, n_taps, zeros, channels, out + ix * channels);
+  }
+}
+
+// channels_last backward, one output row: from the conv row z[ox][c] and the gradient row
+// g[ox][c], per channel the ReLU6 mask, xhat, the row's sums of ga and ga * xhat and, when
+// kGz, gz[ox][c] and its row sum. k holds the (C,) vectors k_ga, k_xhat, k_one of
+// dwconv::BNBackward.
+template <typename T, bool kGz>
+FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restrict g, int64_t w_out, int64_t channels,
+                                       const T* __restrict mu, const T* __restrict is, const T* __restrict bw,
+                                       const T* __restrict bb, const T* __restrict k_ga, const T* __restrict k_xhat,
+                                       const T* __restrict k_one, T* __restrict gz, T* __restrict sum_ga,
+                                       T* __restrict sum_gx, T* __restrict sum_gz) {
+  // One vector of channels at a time, its sums in registers across the row; written with
+  // vector types because the mask's two comparisons keep the compiler from vectorizing.
+  constexpr int64_t kV = kVecLen<T>;
+  const Vec<T> zero = Vec<T>{}, six = zero + T(6);
+  int64_t c0 = 0;
+  for (; c0 + kV <= channels; c0 += kV) {
+    const Vec<T> m = load_vec(mu + c0), s = load_vec(is + c0), w = load_vec(bw + c0), bias = load_vec(bb + c0);
+    Vec<T> kg = zero, kx = zero, k1 = zero;
+    if constexpr (kGz) kg = load_vec(k_ga + c0), kx = load_vec(k_xhat + c0), k1 = load_vec(k_one + c0);
+    Vec<T> s_ga = zero, s_gx = zero, s_gz = zero;
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const Vec<T> xhat = (load_vec(z + ox * channels + c0) - m) * s;
+      const Vec<T> a = w * xhat + bias;
+      const Vec<T> ga = ((a > zero) & (a < six)) ? load_vec(g + ox * channels + c0) : zero;
+      s_ga += ga;
+      s_gx += ga * xhat;
+      if constexpr (kGz) {
+        const Vec<T> d = kg * ga + kx * xhat + k1;
+        store_vec(gz + ox * channels + c0, d);
+        s_gz += d;
+      }
     }
+    store_vec(sum_ga + c0, s_ga);
+    store_vec(sum_gx + c0, s_gx);
+    if constexpr (kGz) store_vec(sum_gz + c0, s_gz);
+  }
+  for (; c0 < channels; ++c0) {
+    T s_ga = 0, s_gx = 0, s_gz = 0;
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const T xhat = (z[ox * channels + c0] - mu[c0]) * is[c0];
+      const T a = bw[c0] * xhat + bb[c0];
+      const T ga = dwconv::relu6_passes(a) ? g[ox * channels + c0] : T(0);
+      s_ga += ga;
+      s_gx += ga * xhat;
+      if constexpr (kGz) {
+        const T d = k_ga[c0] * ga + k_xhat[c0] * xhat + k_one[c0];
+        gz[ox * channels + c0] = d;
+        s_gz += d;
+      }
+    }
+    sum_ga[c0] = s_ga;
+    sum_gx[c0] = s_gx;
+    if constexpr (kGz) sum_gz[c0] = s_gz;
+  }
+}
+
+// channels_last backward, one output row: gw[tap][c] = sum over the row of gz[ox][c] times
+// the input under that tap (rows as in conv_row_cl_fused). Channels go one vector at a time,
+// its nine tap sums held in registers across the whole row.
+template <typename T>
+FERCUDA_SIMD void grad_weight_row_cl(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
+                                     int64_t stride, const T* __restrict gz, int64_t w_out, T* __restrict gw) {
+  constexpr int64_t kV = kVecLen<T>;
+  int64_t c0 = 0;
+  for (; c0 + kV <= channels; c0 += kV) {
+    Vec<T> acc[kTaps] = {};
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const Vec<T> gv = load_vec(gz + ox * channels + c0);
+      const int64_t ix0 = ox * stride - padding;
+      for (int ky = 0; ky < 3; ++ky) {
+        if (rows[ky] == nullptr) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t ix = ix0 + kx;
+          if (ix < 0 || ix >= width) continue;
+          acc[ky * 3 + kx] += gv * load_vec(rows[ky] + ix * channels + c0);
+        }
+      }
+    }
+    for (int t = 0; t < kTaps; ++t) store_vec(gw + t * channels + c0, acc[t]);
+  }
+  for (; c0 < channels; ++c0) {
+    T acc[kTaps] = {};
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const T gv = gz[ox * channels + c0];
+      for (int ky = 0; ky < 3; ++ky) {
+        if (rows[ky] == nullptr) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t ix = ox * stride - padding + kx;
+          if (ix >= 0 && ix < width) acc[ky * 3 + kx] += gv * rows[ky][ix * channels + c0];
+        }
+      }
+    }
+    for (int t = 0; t < kTaps; ++t) gw[t * channels + c0] = acc[t];
   }
 }
 
@@ -492,7 +636,7 @@ void affine_relu6_cl(const at::Tensor& x, const T* w9c, const T* shift, const Ge
   } else {
     for_each_conv_row_cl<scalar_t, T>(x, w9c, shift, g, [&](int64_t r, T* z) {
       scalar_t* out = yd + r * row_out;
-      for (int64_t i = 0; i < row_out; ++i) out[i] = static_cast<scalar_t>(dwconv::relu6(z[i]));
+      relu6_convert_run(z, row_out, out);
     });
   }
 }
@@ -555,6 +699,115 @@ void affine_relu6(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& s
   }
 }
 
+// Slots of the backward's per-channel sums: sum ga, sum ga * xhat, sum gz, then the 9 taps
+// of grad_weight.
+constexpr int kSlots = 3 + kTaps;
+
+// channels_last backward, native (no NCHW copies): one task per image, vectorized along C, so
+// the network's 6x6 planes of many channels run as long vector loops. Pass 1 (training only)
+// reduces sum(ga) and sum(ga * xhat) from the recomputed conv; pass 2 recomputes it again,
+// forms the image's gz (H_out, W_out, C) with its grad_weight / grad_bias sums, then writes
+// grad_x row by row as a gather from gz. Per-image sums are double, reduced over the batch in
+// a fixed order: the result does not depend on the thread count. sd is (C, kSlots).
+template <typename scalar_t, typename T>
+void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelParams<T>& p, const T* mu,
+                 const T* is, const Geometry& g, bool training, double count, at::Tensor& grad_x, double* sd) {
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* gxd = grad_x.mutable_data_ptr<scalar_t>();
+  const int64_t C = g.c, row_in = g.w * C, row_out = g.w_out * C;
+  const at::Tensor w9c_t = taps_major(p.w);
+  const T* w9c = w9c_t.const_data_ptr<T>();
+  const T* b = p.b.template const_data_ptr<T>();
+  const T* bw = p.bn_w.template const_data_ptr<T>();
+  const T* bb = p.bn_b.template const_data_ptr<T>();
+  std::vector<double> part(g.n * kSlots * C);
+  auto reduce = [&](int first, int last) {
+    for (int s = first; s < last; ++s)
+      for (int64_t c = 0; c < C; ++c) {
+        double acc = 0;
+        for (int64_t n = 0; n < g.n; ++n) acc += part[(n * kSlots + s) * C + c];
+        sd[c * kSlots + s] = acc;
+      }
+  };
+  // Per-thread rows: x rows widened (when scalar_t is not T), conv row, gradient row widened.
+  struct Rows {
+    std::vector<T> xbuf, z, gbuf, s0, s1, s2, gw;
+    Rows(const Geometry& g, bool widen)
+        : xbuf(widen ? 3 * g.w * g.c : 0), z(g.w_out * g.c), gbuf(widen ? g.w_out * g.c : 0), s0(g.c), s1(g.c),
+          s2(g.c), gw(kTaps * g.c) {}
+  };
+  constexpr bool kWiden = !std::is_same_v<scalar_t, T>;
+  std::vector<T> k_ga(C, T(0)), k_xhat(C, T(0)), k_one(C, T(0)), zeros(C, T(0));
+  if (training) {
+    at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+      Rows r(g, kWiden);
+      for (int64_t n = begin; n < end; ++n) {
+        double* acc = part.data() + n * kSlots * C;
+        std::fill(acc, acc + 2 * C, 0.0);
+        for (int64_t oy = 0; oy < g.h_out; ++oy) {
+          const T* rows[3];
+          rows_under(xd + n * g.h * row_in, g, oy, r.xbuf, rows);
+          conv_row_cl_fused<T, false>(rows, g.w, C, g.padding, g.stride, w9c, b, g.w_out, r.z.data());
+          const T* gr = load_as(gd + (n * g.h_out + oy) * row_out, row_out, r.gbuf.data());
+          bn_relu6_grad_row_cl<T, false>(r.z.data(), gr, g.w_out, C, mu, is, bw, bb, nullptr, nullptr, nullptr,
+                                         nullptr, r.s0.data(), r.s1.data(), nullptr);
+          for (int64_t c = 0; c < C; ++c) {
+            acc[c] += r.s0[c];
+            acc[C + c] += r.s1[c];
+          }
+        }
+      }
+    });
+    reduce(0, 2);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const auto k = dwconv::bn_backward_coeffs<T>(bw[c], is[c], training ? sd[c * kSlots] : 0.0,
+                                                 training ? sd[c * kSlots + 1] : 0.0, count, training);
+    k_ga[c] = k.k_ga;
+    k_xhat[c] = k.k_xhat;
+    k_one[c] = k.k_one;
+  }
+  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    Rows r(g, kWiden);
+    std::vector<T> gz(g.h_out * row_out), gx_row(kWiden ? row_in : 0);
+    for (int64_t n = begin; n < end; ++n) {
+      double* acc = part.data() + n * kSlots * C;
+      std::fill(acc + (training ? 2 : 0) * C, acc + kSlots * C, 0.0);
+      const scalar_t* img = xd + n * g.h * row_in;
+      for (int64_t oy = 0; oy < g.h_out; ++oy) {
+        const T* rows[3];
+        rows_under(img, g, oy, r.xbuf, rows);
+        conv_row_cl_fused<T, false>(rows, g.w, C, g.padding, g.stride, w9c, b, g.w_out, r.z.data());
+        const T* gr = load_as(gd + (n * g.h_out + oy) * row_out, row_out, r.gbuf.data());
+        T* gzr = gz.data() + oy * row_out;
+        bn_relu6_grad_row_cl<T, true>(r.z.data(), gr, g.w_out, C, mu, is, bw, bb, k_ga.data(), k_xhat.data(),
+                                      k_one.data(), gzr, r.s0.data(), r.s1.data(), r.s2.data());
+        grad_weight_row_cl(rows, g.w, C, g.padding, g.stride, gzr, g.w_out, r.gw.data());
+        for (int64_t c = 0; c < C; ++c) {
+          if (!training) {
+            acc[c] += r.s0[c];
+            acc[C + c] += r.s1[c];
+          }
+          acc[2 * C + c] += r.s2[c];
+        }
+        for (int64_t i = 0; i < kTaps * C; ++i) acc[3 * C + i] += r.gw[i];
+      }
+      for (int64_t iy = 0; iy < g.h; ++iy) {
+        scalar_t* dst = gxd + (n * g.h + iy) * row_in;
+        if constexpr (kWiden) {
+          grad_input_row_cl(gz.data(), g.h_out, g.w_out, iy, g.w, C, g.padding, g.stride, w9c, zeros.data(),
+                            gx_row.data());
+          convert_run(gx_row.data(), row_in, dst);
+        } else {
+          grad_input_row_cl(gz.data(), g.h_out, g.w_out, iy, g.w, C, g.padding, g.stride, w9c, zeros.data(), dst);
+        }
+      }
+    }
+  });
+  reduce(training ? 2 : 0, kSlots);
+}
+
 #define FERCUDA_DISPATCH_DWCONV(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
@@ -610,7 +863,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   const int64_t count = g.n * g.h_out * g.w_out;
   at::Tensor batch_mean = at::empty({channels}, x.options().dtype(at::kDouble));
   at::Tensor batch_var = at::empty({channels}, x.options().dtype(at::kDouble));  // biased
-  FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6", [&] {
+  FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6_train", [&] {
     using T = acc_type_t<scalar_t>;
     const auto p = channel_params<T>(weight, bias, bn_weight, bn_bias, g.c);
     const T* w = p.w.template const_data_ptr<T>();
@@ -695,10 +948,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
                                      "mean", "invstd", /*allow_double=*/true);
   check_dwconv_grad_out(op, grad_out_in, x_in, out);
   const bool cl = dwconv_channels_last(x_in);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor x = as_layout(x_in, cl);
+  const at::Tensor grad_out = as_layout(grad_out_in, cl);
   const int64_t channels = out[1];
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = at::empty_like(x);  // x's layout
   at::Tensor grad_w = at::empty({channels, 1, 3, 3}, weight.options());
   at::Tensor grad_b = at::empty({channels}, weight.options());
   at::Tensor grad_bn_w = at::empty({channels}, bn_weight.options());
@@ -709,17 +962,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     grad_b.zero_();
     grad_bn_w.zero_();
     grad_bn_b.zero_();
-    return {as_layout(grad_x, cl), grad_w, grad_b, grad_bn_w, grad_bn_b};
+    return {grad_x, grad_w, grad_b, grad_bn_w, grad_bn_b};
   }
   const Geometry g = geometry(x, out, stride, padding);
   const double count = static_cast<double>(g.n * g.h_out * g.w_out);
   const int64_t planes = g.n * g.c;
   const int64_t plane_in = g.h * g.w, plane_out = g.h_out * g.w_out;
-  // Per-plane partials: sum ga, sum ga*xhat, sum gz, 9 weight taps.
-  constexpr int kSlots = 3 + kTaps;
-  std::vector<double> part(planes * kSlots);
+  // NCHW: per-plane partials in the kSlots order.
+  std::vector<double> part(cl ? 0 : planes * kSlots);
   at::Tensor sums = at::empty({channels, kSlots}, x.options().dtype(at::kDouble));
-  FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6", [&] {
+  FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6_backward", [&] {
     using T = acc_type_t<scalar_t>;
     const auto p = channel_params<T>(weight, bias, bn_weight, bn_bias, g.c);
     const T* w = p.w.template const_data_ptr<T>();
@@ -733,6 +985,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
     scalar_t* gxd = grad_x.mutable_data_ptr<scalar_t>();
     double* sd = sums.mutable_data_ptr<double>();
+    if (cl) {
+      backward_cl<scalar_t, T>(x, grad_out, p, mu, is, g, training, count, grad_x, sd);
+      return;
+    }
     auto reduce_planes = [&](int first_slot, int slots) {
       for (int64_t c = 0; c < g.c; ++c)
         for (int s = first_slot; s < first_slot + slots; ++s) {
@@ -811,7 +1067,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   grad_bn_w.copy_(sums.select(1, 1));
   grad_b.copy_(sums.select(1, 2));
   grad_w.view({channels, kTaps}).copy_(sums.narrow(1, 3, kTaps));
-  return {as_layout(grad_x, cl), grad_w, grad_b, grad_bn_w, grad_bn_b};
+  return {grad_x, grad_w, grad_b, grad_bn_w, grad_bn_b};
 }
 
 }  // namespace
