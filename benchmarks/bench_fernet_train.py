@@ -1,14 +1,21 @@
-"""Training throughput of FERNet, fused depthwise blocks against plain PyTorch layers, in one run.
+"""FERNet throughput, fused depthwise blocks against plain PyTorch layers, in every layout and
+precision a user would pick, in one run.
 
     python -m pytest benchmarks/bench_fernet_train.py -s --benchmark-columns=median,rounds
     FERCUDA_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_fernet_train.py -s
 
-One step = augmentation + [canny, x, x] + forward + backward + Adam, batch 64 (the paper's);
-images/s and the fused/plain ratio are printed at the end and stored in extra_info.
+Training: one step = augmentation + [canny, x, x] + forward + backward + Adam, batch 64 (the
+paper's). Inference: eval mode, batch 64 and batch 1, forward only. Each configuration is a
+layout (NCHW or channels_last), an autocast precision (none, bfloat16 on the CPU, float16 on
+CUDA) and, optionally, torch.compile of the model; FERCUDA_BENCH_CONFIGS picks a subset
+(comma-separated names of CONFIGS). Images/s per row and, per width, the best fused
+configuration over the best plain one are printed as soon as they are measured and stored in
+extra_info; `fercuda train` picks its configuration with fercuda.runtime (see the README).
 """
 
 import os
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -22,53 +29,137 @@ DEVICE = torch.device(os.environ.get("FERCUDA_BENCH_DEVICE", "cuda" if torch.cud
 BATCH = 64
 WIDTHS = [float(w) for w in os.environ.get("FERCUDA_BENCH_WIDTHS", "0.25,1.0").split(",")]
 ROUNDS = int(os.environ.get("FERCUDA_BENCH_ROUNDS", "5"))
-RESULTS = {}
 
 
-def make_step(width, fused):
+@dataclass(frozen=True)
+class Config:
+    name: str
+    channels_last: bool = False
+    autocast: torch.dtype | None = None
+    compile: bool = False
+
+
+_LOW = torch.float16 if DEVICE.type == "cuda" else torch.bfloat16
+_LOW_NAME = "fp16" if DEVICE.type == "cuda" else "bf16"
+ALL_CONFIGS = [
+    Config("fp32"),
+    Config("fp32-cl", channels_last=True),
+    Config(_LOW_NAME, autocast=_LOW),
+    Config(f"{_LOW_NAME}-cl", channels_last=True, autocast=_LOW),
+    Config("compile", compile=True),
+    Config(f"compile-{_LOW_NAME}-cl", channels_last=True, autocast=_LOW, compile=True),
+]
+_wanted = os.environ.get("FERCUDA_BENCH_CONFIGS")
+CONFIGS = [c for c in ALL_CONFIGS if _wanted is None or c.name in _wanted.split(",")]
+if _wanted is not None and not CONFIGS:
+    raise ValueError(f"FERCUDA_BENCH_CONFIGS={_wanted!r} names none of {[c.name for c in ALL_CONFIGS]}")
+
+RESULTS = {}  # (kind, width, fused, config name) -> images/s
+
+
+def _where():
+    return (f"on {DEVICE.type} ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads)")
+
+
+def _model(width, fused, config, train):
     torch.manual_seed(0)
-    model = FERNet(width_mult=width, fused=fused).to(DEVICE).train()
+    model = FERNet(width_mult=width, fused=fused).to(DEVICE).train(train)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        torch._dynamo.reset()  # each case compiles its own graph: no recompile limit reached, never silently eager
+    return model, (torch.compile(model) if config.compile else model)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)  # time the work, not the launches
+
+
+def make_train_step(width, fused, config):
+    model, run = _model(width, fused, config, train=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     images = torch.randint(0, 256, (BATCH, 1, 48, 48), dtype=torch.uint8, device=DEVICE, generator=gen)
     labels = torch.randint(0, 7, (BATCH,), device=DEVICE, generator=gen)
-    amp = DEVICE.type == "cuda"
-    scaler = torch.amp.GradScaler(DEVICE.type, enabled=amp)
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=config.autocast == torch.float16)
 
     def step():
         x = fer_input(augment(images, gen))
-        with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=amp):
-            loss = F.cross_entropy(model(x).float(), labels)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(DEVICE.type, dtype=config.autocast or torch.float32, enabled=config.autocast is not None):
+            loss = F.cross_entropy(run(x).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize(DEVICE)  # time the work, not the launches
+        _sync()
 
     return step
 
 
+def make_infer_step(width, fused, config, batch):
+    _, run = _model(width, fused, config, train=False)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    images = torch.randint(0, 256, (batch, 1, 48, 48), dtype=torch.uint8, device=DEVICE, generator=gen)
+    x = fer_input(images)
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def step():
+        with torch.autocast(DEVICE.type, dtype=config.autocast or torch.float32, enabled=config.autocast is not None):
+            run(x)
+        _sync()
+
+    return step
+
+
+def _record(kind, benchmark, width, fused, config, batch, group):
+    images_per_s = batch / benchmark.stats.stats.median
+    benchmark.extra_info.update(images_per_s=images_per_s, config=config.name)
+    key = (kind, width, batch)
+    RESULTS[(key, fused, config.name)] = images_per_s
+    model = "fused" if fused else "plain"
+    emit(f"fernet_{kind}", f"{width}-b{batch}-{model}-{config.name}",
+         f"{group} {model} {config.name} {_where()}: {images_per_s:.1f} images/s",
+         kind=kind, width_mult=width, fused=fused, config=config.name, device=DEVICE.type, batch=batch,
+         rounds=ROUNDS, images_per_s=images_per_s)
+    # Once every configuration of this width has both models, the best of each and their ratio.
+    done = {(f, c) for (k, f, c) in RESULTS if k == key}
+    if len(done) == 2 * len(CONFIGS):
+        best = {}
+        for f in (True, False):
+            name, ips = max(((c, v) for (k, ff, c), v in RESULTS.items() if k == key and ff == f), key=lambda t: t[1])
+            best[f] = (name, ips)
+        emit(f"fernet_{kind}_best", f"{width}-b{batch}",
+             f"{group} {_where()}: best fused {best[True][0]} {best[True][1]:.1f} images/s, best plain "
+             f"{best[False][0]} {best[False][1]:.1f} images/s, fused/plain {best[True][1] / best[False][1]:.2f}x",
+             kind=kind, width_mult=width, device=DEVICE.type, batch=batch,
+             fused_config=best[True][0], fused_images_per_s=best[True][1],
+             plain_config=best[False][0], plain_images_per_s=best[False][1],
+             fused_over_plain=best[True][1] / best[False][1])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("width", WIDTHS)
-def test_train_step(benchmark, width, fused):
-    step = make_step(width, fused)
+def test_train_step(benchmark, width, fused, config):
+    step = make_train_step(width, fused, config)
     benchmark.group = f"FERNet train step, width_mult {width}, batch {BATCH}, {DEVICE.type}"
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
-    images_per_s = BATCH / benchmark.stats.stats.median
-    benchmark.extra_info["images_per_s"] = images_per_s
-    RESULTS[(width, fused)] = images_per_s
-    # Each figure is printed (and kept, see bench_record) as soon as it is measured, the ratio as
-    # soon as both of its width's models are: a run stopped midway keeps what it measured.
-    where = (f"on {DEVICE.type} ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads)")
-    emit("fernet_step", f"{width}-{'fused' if fused else 'plain'}",
-         f"width_mult {width} {'fused' if fused else 'plain'} {where}: {images_per_s:.1f} images/s",
-         width_mult=width, fused=fused, device=DEVICE.type, batch=BATCH, rounds=ROUNDS, images_per_s=images_per_s)
-    fused_ips, plain_ips = RESULTS.get((width, True)), RESULTS.get((width, False))
-    if fused_ips and plain_ips:
-        emit("fernet_fused_vs_plain", str(width),
-             f"width_mult {width} {where}: fused {fused_ips:.1f} images/s, plain {plain_ips:.1f} images/s, "
-             f"fused/plain {fused_ips / plain_ips:.2f}x",
-             width_mult=width, device=DEVICE.type, batch=BATCH, fused_images_per_s=fused_ips,
-             plain_images_per_s=plain_ips, fused_over_plain=fused_ips / plain_ips)
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2 if config.compile else 1)
+    _record("train", benchmark, width, fused, config, BATCH, benchmark.group)
+
+
+@pytest.mark.parametrize("batch", [BATCH, 1], ids=[f"b{BATCH}", "b1"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("width", WIDTHS)
+def test_infer(benchmark, width, fused, config, batch):
+    step = make_infer_step(width, fused, config, batch)
+    benchmark.group = f"FERNet inference, width_mult {width}, batch {batch}, {DEVICE.type}"
+    rounds = ROUNDS if batch > 1 else 10 * ROUNDS
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=2 if config.compile else 1)
+    _record("infer", benchmark, width, fused, config, batch, benchmark.group)
