@@ -31,7 +31,8 @@ clean:
 # build of .venv (fercuda/_C*.so, build/temp) is never touched. Only committed code is tested.
 # COMPAT_USE_CUDA=0 skips the CUDA sources (a CUDA build takes long on few cores);
 # PYTEST_ARGS adds pytest options, e.g. PYTEST_ARGS=-x.
-COMPAT_PYTHON ?= python3.12
+# pyenv's shim refuses python3.12 where 3.12 is installed but not selected: take its binary.
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 COMPAT_TORCH ?= 2.11.0
 COMPAT_TRITON ?= 3.6.0
 COMPAT_USE_CUDA ?= 1
