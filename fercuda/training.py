@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from fercuda.data import augment, fer_input
 from fercuda.distributed import Dist, log
@@ -32,6 +33,38 @@ def lr_factor(schedule: str, progress: float, warmup: float) -> float:
 
 def build_model(num_classes: int, width_mult: float, fused: bool, device) -> FERNet:
     return FERNet(num_classes=num_classes, width_mult=width_mult, fused=fused).to(device)
+
+
+def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, aug_gen: torch.Generator | None,
+               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's input for the faces `images[idx]`: augmented when `aug_gen` is given, then
+    Canny edges + the face (fercuda.data.fer_input), in channels_last when asked."""
+    with record_function("batch"):
+        x8 = images[idx]
+        if aug_gen is not None:
+            x8 = augment(x8, aug_gen)
+        x = fer_input(x8)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, labels[idx]
+
+
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None,
+               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on (x, y); returns the logits and the loss. The phases are labelled for
+    torch.profiler (benchmarks/profile_fernet_step.py)."""
+    with record_function("forward"):
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    with record_function("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+    with record_function("optimizer"):
+        scaler.step(optimizer)
+        scaler.update()
+    return logits, loss
 
 
 class RunClock:
@@ -135,21 +168,9 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
         t0 = time.perf_counter()
         for step in range(steps):
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size].to(device)
-            x8 = images[idx]
-            if args.augment:
-                x8 = augment(x8, aug_gen)
-            x = fer_input(x8)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[idx]
+            x, y = make_batch(images, labels, idx, aug_gen if args.augment else None, channels_last)
             lr = set_lr(epoch + step / steps)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            logits, loss = train_step(net, optimizer, scaler, x, y, autocast_dtype, args.label_smoothing)
             n = y.shape[0]
             loss_sum += loss.detach() * n
             correct += (logits.argmax(1) == y).sum()
