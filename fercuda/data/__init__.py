@@ -12,9 +12,11 @@ from fercuda.data.datasets import (
     kfold_assignments,
     load_faces,
 )
+from fercuda.data.paths import FER2013_ENV, default_fer2013_root
 from fercuda.data.transforms import augment, fer_input
 
 __all__ = [
-    "CKPLUS_CLASSES", "FER_ALIASES", "FER_CLASSES", "FER_SPLITS", "DataError", "FaceData",
-    "augment", "default_cache_dir", "detect_format", "fer_input", "kfold_assignments", "load_faces",
+    "CKPLUS_CLASSES", "FER2013_ENV", "FER_ALIASES", "FER_CLASSES", "FER_SPLITS", "DataError", "FaceData",
+    "augment", "default_cache_dir", "default_fer2013_root", "detect_format", "fer_input", "kfold_assignments",
+    "load_faces",
 ]
