@@ -4,23 +4,25 @@ Run: PYTHONPATH=$PWD python -m pytest benchmarks/bench_dwconv_cpu.py -q -s
 
 Each case times, in one run and by one method (warm repetitions), the fused op and its
 peers, and reports the ratios of the medians (printed and in benchmark.extra_info); on a
-shared machine the ratios of the fastest runs ("best_*") are printed too, with the load.
+shared machine the ratios of the fastest runs ("best_*") are printed too.
   inference: fercuda vs eager (conv2d + batch_norm + relu6, eval), vs torch.compile of that
              eager block, vs x.clone() (a plain copy of the same bytes, output allocated as
              the op allocates its own); GB/s counts input + output.
   training:  forward + backward of DWConvBNReLU6 vs nn.Sequential(Conv2d, BatchNorm2d, ReLU6).
 Targets: inference >= 5x eager, >= 2x compile, >= 0.5x the copy's bandwidth; training >= 2x eager.
+Inputs, the eager block, torch.compile of it and the timer: fercuda.compare (`make compare`'s);
+the environment (load average included) is recorded once, by benchmarks/conftest.py.
 """
 
 import copy
-import os
 import statistics
 
 import pytest
 import torch
 
 import fercuda.nn as fnn
-from fercuda.compare_dwconv import block_inputs, eager_block, fused_block, times_ms
+from fercuda.compare import times_ms
+from fercuda.compare.dwconv import assert_still_compiled, block_inputs, compile_block, eager_block, fused_block
 
 N = 64
 # (C, H) of the network's depthwise blocks (stride 1).
@@ -30,7 +32,7 @@ REPS = 9
 
 def _measure(**contenders):
     """{name: sorted times} for each contender, run in turn."""
-    return {name: times_ms(fn, REPS) for name, fn in contenders.items()}
+    return {name: times_ms(fn, REPS, warmup=2) for name, fn in contenders.items()}
 
 
 def _ratios(times, base="fercuda"):
@@ -45,7 +47,6 @@ def _ratios(times, base="fercuda"):
 
 
 def _record(benchmark, info):
-    info["load_average_1min"] = os.getloadavg()[0]
     benchmark.extra_info.update(info)
     print("\n" + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
 
@@ -60,16 +61,15 @@ def test_inference(benchmark, c, h, channels_last):
     if channels_last and (c, h) not in ((128, 48), (256, 24), (728, 6)):
         pytest.skip("channels_last measured on three representative shapes")
     args = block_inputs((N, c, h, h), channels_last=channels_last)
-    torch._dynamo.reset()
-    compiled = torch.compile(eager_block, dynamic=False)
     with torch.no_grad():
-        compiled(*args)
+        compiled, _ = compile_block(args)
         times = _measure(
             fercuda=lambda: fused_block(*args),
             eager=lambda: eager_block(*args),
             compile=lambda: compiled(*args),
             copy=lambda: args[0].clone(),
         )
+        assert_still_compiled()
         benchmark.pedantic(lambda: fused_block(*args), rounds=REPS, warmup_rounds=1)
     gigabytes = 2 * args[0].numel() * args[0].element_size() / 1e9
     info = {"case": f"N{N} C{c} {h}x{h} {'channels_last' if channels_last else 'nchw'}", **_ratios(times)}
