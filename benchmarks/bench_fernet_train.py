@@ -10,18 +10,18 @@ layout (NCHW or channels_last), an autocast precision (none, bfloat16 on the CPU
 CUDA) and, optionally, torch.compile of the model; FERCUDA_BENCH_CONFIGS picks a subset
 (comma-separated names of CONFIGS). Images/s per row and, per width, the best fused
 configuration over the best plain one are printed as soon as they are measured and stored in
-extra_info; `fercuda train` picks its configuration with fercuda.runtime (see the README).
+extra_info; `fercuda train` picks its configuration with fercuda.runtime (see the README). The
+date, versions and threads are in the environment record, kept once (benchmarks/conftest.py).
 """
 
 import os
-import time
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_record import emit
+from fercuda.compare import emit
 from fercuda.data import augment, fer_input
 from fercuda.models import FERNet
 
@@ -55,11 +55,6 @@ if _wanted is not None and not CONFIGS:
     raise ValueError(f"FERCUDA_BENCH_CONFIGS={_wanted!r} names none of {[c.name for c in ALL_CONFIGS]}")
 
 RESULTS = {}  # (kind, width, fused, config name) -> images/s
-
-
-def _where():
-    return (f"on {DEVICE.type} ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads)")
 
 
 def _model(width, fused, config, train):
@@ -124,7 +119,7 @@ def _record(kind, benchmark, width, fused, config, batch, group):
     RESULTS[(key, fused, config.name)] = images_per_s
     model = "fused" if fused else "plain"
     emit(f"fernet_{kind}", f"{width}-b{batch}-{model}-{config.name}",
-         f"{group} {model} {config.name} {_where()}: {images_per_s:.1f} images/s",
+         f"{group} {model} {config.name}: {images_per_s:.1f} images/s",
          kind=kind, width_mult=width, fused=fused, config=config.name, device=DEVICE.type, batch=batch,
          rounds=ROUNDS, images_per_s=images_per_s)
     # Once every configuration of this width has both models, the best of each and their ratio.
@@ -135,7 +130,7 @@ def _record(kind, benchmark, width, fused, config, batch, group):
             name, ips = max(((c, v) for (k, ff, c), v in RESULTS.items() if k == key and ff == f), key=lambda t: t[1])
             best[f] = (name, ips)
         emit(f"fernet_{kind}_best", f"{width}-b{batch}",
-             f"{group} {_where()}: best fused {best[True][0]} {best[True][1]:.1f} images/s, best plain "
+             f"{group}: best fused {best[True][0]} {best[True][1]:.1f} images/s, best plain "
              f"{best[False][0]} {best[False][1]:.1f} images/s, fused/plain {best[True][1] / best[False][1]:.2f}x",
              kind=kind, width_mult=width, device=DEVICE.type, batch=batch,
              fused_config=best[True][0], fused_images_per_s=best[True][1],

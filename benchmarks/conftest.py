@@ -1,0 +1,15 @@
+"""The environment of a benchmark run, recorded once: in pytest's header and, under
+pytest-benchmark, in its JSON's machine_info (fercuda.compare.environment)."""
+
+import pytest
+
+from fercuda.compare.environment import describe, environment
+
+
+def pytest_report_header(config):
+    return "environment: " + describe(environment())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["fercuda_environment"] = environment()
