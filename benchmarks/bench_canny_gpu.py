@@ -8,12 +8,10 @@ The figures to read are in each benchmark's extra_info: GPU medians from triton.
 (CUDA events, warm-up, median), images/s, the fraction of HBM bandwidth reached (bytes in +
 out over time, against a device-to-device copy measured in the same run), ratios against the
 peers, and differing pixels against cv2.Canny on the CPU. gpu_check.sh prints its `table`.
+The settings, FER2013's faces, the peers and the timer are fercuda.compare's (`make compare`'s);
+the environment is recorded once (gpu_check.py's environment stage, benchmarks/conftest.py).
 """
 
-import os
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
@@ -22,20 +20,17 @@ if not torch.cuda.is_available():
 
 import cv2  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
-import fercuda  # noqa: E402
-from bench_record import emit, environment  # noqa: E402
-from gpu_cases import CANNY_HIGH, CANNY_LOW, CANNY_PICTURES, FER_COUNT  # noqa: E402
+import fercuda  # noqa: E402,F401  (loads the C++ ops)
+from fercuda.compare import emit, median_ms, times_ms  # noqa: E402
+from fercuda.compare.canny import HIGH, KSIZE, LOW, cv2_canny, fer_images, kornia_canny  # noqa: E402
 from fercuda.triton import canny as triton_canny  # noqa: E402
+from gpu_cases import CANNY_PICTURES, FER_COUNT  # noqa: E402
 
 try:
     import kornia  # noqa: E402
 except ImportError:  # not installed on every GPU machine
     kornia = None
-
-LOW, HIGH = CANNY_LOW, CANNY_HIGH
-FER2013 = Path(os.environ.get("FERCUDA_FER2013", Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013"))
 
 
 def _stand_in(n, h, w, gen, cells=None, contrast=55.0, noise=4.0):
@@ -49,10 +44,9 @@ def _stand_in(n, h, w, gen, cells=None, contrast=55.0, noise=4.0):
 
 
 def _fer_batch():
-    paths = sorted((FER2013 / "train").glob("*/*.jpg")) + sorted((FER2013 / "test").glob("*/*.jpg"))
-    if len(paths) >= FER_COUNT:
-        imgs = np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths[:FER_COUNT]])
-        return torch.from_numpy(imgs), "FER2013 train+test"
+    faces = fer_images(FER_COUNT, ("train", "test"))
+    if faces is not None:
+        return torch.from_numpy(faces), "FER2013 train+test"
     # FER2013's two parts differ: at 50/150 (5x5 blur) its 28,709 train images have 1.3 % edge
     # pixels, its 7,178 test images 16.1 %. The stand-in mixes two populations tuned to each
     # (1.5 % and 15.7 %), shuffled, so hysteresis sees the same mix of sparse and busy images.
@@ -64,24 +58,17 @@ def _fer_batch():
 
 
 def _cv2_reference(batch):
-    return torch.from_numpy(np.stack([cv2.Canny(cv2.GaussianBlur(x, (5, 5), 0), LOW, HIGH) for x in batch.numpy()]))
+    return torch.from_numpy(cv2_canny(batch.numpy()))
 
 
 def _gpu_ms(fn):
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    return median_ms(fn, device="cuda", rep_ms=200)
 
 
 def _copy_ms(nbytes):
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return _gpu_ms(lambda: dst.copy_(src))
-
-
-def _kornia_canny(img_uint8):
-    # kornia works on float (N, 1, H, W) in [0, 1] with thresholds on that scale; the
-    # conversion is done once, outside the timing, as a kornia user would hold float images.
-    x = img_uint8.reshape(-1, 1, *img_uint8.shape[-2:]).float().div_(255.0)
-    return lambda: kornia.filters.canny(x, LOW / 255.0, HIGH / 255.0, kernel_size=(5, 5))
 
 
 def _sync(fn):
@@ -95,7 +82,6 @@ def _sync(fn):
 def _record(benchmark, case, info):
     """The figures into pytest-benchmark's extra_info, and the row printed and kept at once."""
     benchmark.extra_info.update(info)
-    benchmark.extra_info["environment"] = environment()
     emit("canny", case, info["table"], **{k: v for k, v in info.items() if k != "table"})
 
 
@@ -108,7 +94,7 @@ def test_canny_fer2013_batch(benchmark, fer_batch):
     """All 35,887 48x48 images in one call."""
     host, source = fer_batch
     img = host.cuda()
-    ours = lambda: torch.ops.fercuda.canny(img, LOW, HIGH, 5, False, "sobel")  # noqa: E731
+    ours = lambda: torch.ops.fercuda.canny(img, LOW, HIGH, KSIZE, False, "sobel")  # noqa: E731
     tri = lambda: triton_canny.canny(img, LOW, HIGH)  # noqa: E731
     expected = _cv2_reference(host)
     nbytes = 2 * img.numel()  # uint8 in, uint8 out
@@ -130,7 +116,7 @@ def test_canny_fer2013_batch(benchmark, fer_batch):
         "edge_fraction": float((expected > 0).float().mean()),
     }
     if kornia is not None:
-        kornia_ms = _gpu_ms(_kornia_canny(img))
+        kornia_ms = _gpu_ms(kornia_canny(img))
         info.update(kornia_gpu_ms_median=kornia_ms, kornia_over_cuda_time=kornia_ms / ms)
     info["table"] = (
         f"FER batch {FER_COUNT}x48x48 ({source}): CUDA {ms * 1e3:.0f} us ({FER_COUNT / ms * 1e3:.3g} img/s, "
@@ -146,7 +132,7 @@ def test_canny_fer2013_batch(benchmark, fer_batch):
 def test_canny_single_image(benchmark, height, width):
     host = _stand_in(1, height, width, torch.Generator().manual_seed(height))[0]
     img = host.cuda()
-    ours = lambda: torch.ops.fercuda.canny(img, LOW, HIGH, 5, False, "sobel")  # noqa: E731
+    ours = lambda: torch.ops.fercuda.canny(img, LOW, HIGH, KSIZE, False, "sobel")  # noqa: E731
     tri = lambda: triton_canny.canny(img, LOW, HIGH)  # noqa: E731
     expected = _cv2_reference(host.unsqueeze(0))[0]
     ms = _gpu_ms(ours)
@@ -161,18 +147,17 @@ def test_canny_single_image(benchmark, height, width):
         "diff_pixels_triton_vs_cv2": int((tri().cpu() != expected).sum()),
     }
     cpu = host.numpy()
-    info["cv2_cpu_ms"] = 1e3 * min(_wall(lambda: cv2.Canny(cv2.GaussianBlur(cpu, (5, 5), 0), LOW, HIGH))
-                                   for _ in range(5))
+    info["cv2_cpu_ms"] = times_ms(lambda: cv2_canny(cpu), 5, warmup=0)[0]
     if kornia is not None:
-        kornia_ms = _gpu_ms(_kornia_canny(img))
+        kornia_ms = _gpu_ms(kornia_canny(img))
         info.update(kornia_gpu_ms_median=kornia_ms, kornia_over_cuda_time=kornia_ms / ms)
     if hasattr(cv2, "cuda") and cv2.cuda.getCudaEnabledDeviceCount() > 0:
         gpu_mat = cv2.cuda_GpuMat()
         gpu_mat.upload(cpu)
-        gauss = cv2.cuda.createGaussianFilter(cv2.CV_8UC1, cv2.CV_8UC1, (5, 5), 0)
+        gauss = cv2.cuda.createGaussianFilter(cv2.CV_8UC1, cv2.CV_8UC1, (KSIZE, KSIZE), 0)
         detector = cv2.cuda.createCannyEdgeDetector(LOW, HIGH)
-        info["cv2_cuda_ms"] = 1e3 * min(_wall(lambda: detector.detect(gauss.apply(gpu_mat)).download())
-                                        for _ in range(10))
+        info["cv2_cuda_ms"] = times_ms(lambda: detector.detect(gauss.apply(gpu_mat)).download(), 10, warmup=0,
+                                       synchronize=True)[0]
     info["table"] = (
         f"{width}x{height}: CUDA {ms * 1e3:.0f} us, Triton {triton_ms / ms:.1f}x slower, "
         + (f"kornia {info['kornia_over_cuda_time']:.0f}x slower, " if kornia is not None else "kornia absent, ")
@@ -183,12 +168,3 @@ def test_canny_single_image(benchmark, height, width):
     _record(benchmark, f"{width}x{height}", info)
     benchmark.pedantic(_sync(ours), rounds=20, warmup_rounds=3)
 
-
-def _wall(fn):
-    import time
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t

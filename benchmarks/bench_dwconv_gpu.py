@@ -4,11 +4,13 @@ Inference: fercuda's CUDA kernel vs its Triton kernel vs eager PyTorch (conv2d -
 relu6) vs torch.compile of the same, with the achieved bandwidth (input + output bytes, each
 counted once) as a fraction of a device-to-device copy's bandwidth measured in the same run.
 torch.compile starts from a reset per case and must compile exactly one graph, never recompiling
-while timed (gpu_cases.compile_block): its column is compiled code, never a silent eager fallback.
+while timed (fercuda.compare.dwconv.compile_block): its column is compiled code, never a silent eager fallback.
 Training: forward + backward (fused CUDA, fused Triton) vs eager autograd.
 
-Times are medians of triton.testing.do_bench (warm-up, then synchronized repetitions). Each row is
-printed as soon as it is measured (bench_record.emit). Run:
+Times are medians of triton.testing.do_bench (fercuda.compare.median_ms on cuda: warm-up, then
+synchronized repetitions). Each row is printed as soon as it is measured (fercuda.compare.emit);
+the inputs and the eager block are fercuda.compare.dwconv's, the environment is recorded once
+(gpu_check.py's environment stage, benchmarks/conftest.py). Run:
     python -m pytest benchmarks/bench_dwconv_gpu.py --benchmark-only -s
 """
 
@@ -18,14 +20,11 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("the dwconv GPU benchmarks need a CUDA device", allow_module_level=True)
 
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
-
 import fercuda  # noqa: E402,F401  (loads the C++ ops)
-from bench_record import emit  # noqa: E402
-from gpu_cases import (  # noqa: E402
-    DTYPE, LAYOUTS, SHAPE_IDS, SHAPES, assert_still_compiled, compile_block, eager_block, make_inputs)
 from fercuda import _build_info  # noqa: E402
+from fercuda.compare import emit, median_ms  # noqa: E402
+from fercuda.compare.dwconv import assert_still_compiled, block_inputs, compile_block, eager_block  # noqa: E402
+from gpu_cases import DTYPE, LAYOUTS, SHAPE_IDS, SHAPES  # noqa: E402
 from fercuda.triton import dwconv as triton_dwconv  # noqa: E402
 
 if not _build_info.WITH_CUDA:
@@ -36,23 +35,19 @@ INFERENCE_HEADER = ("inference bf16      shape            layout  cuda_ms triton
 TRAINING_HEADER = "training bf16 fwd+bwd shape           layout  cuda_ms triton_ms eager_ms  cuda_x_eager triton_x_eager"
 
 
-def median_ms(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 @pytest.fixture(scope="module")
 def copy_gbps():
     """Device-to-device copy bandwidth (read + write bytes), the ceiling for a one-pass kernel."""
     src = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
+    ms = median_ms(lambda: dst.copy_(src), device="cuda")
     return 2 * src.numel() / ms / 1e6
 
 
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=("nchw", "channels_last"))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_inference(benchmark, copy_gbps, shape, channels_last):
-    inputs = make_inputs(shape, channels_last)
+    inputs = block_inputs(shape, channels_last, DTYPE, "cuda")
     x = inputs[0]
     compiled, compile_cache = compile_block(inputs)
     ops = {
@@ -61,14 +56,13 @@ def test_inference(benchmark, copy_gbps, shape, channels_last):
         "eager": lambda: eager_block(*inputs),
         "compile": lambda: compiled(*inputs),
     }
-    ms = {name: median_ms(fn) for name, fn in ops.items()}
+    ms = {name: median_ms(fn, device="cuda") for name, fn in ops.items()}
     assert_still_compiled()
     out_bytes = x.numel() * x.element_size()  # stride 1, padding 1: same shape
     gbps = (x.numel() * x.element_size() + out_bytes) / ms["cuda"] / 1e6
     gbps_triton = (x.numel() * x.element_size() + out_bytes) / ms["triton"] / 1e6
     info = {
         "shape": list(shape), "dtype": str(DTYPE), "channels_last": channels_last,
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "copy_GBps": round(copy_gbps, 1),
         **{f"{name}_ms": round(v, 5) for name, v in ms.items()},
         "cuda_GBps": round(gbps, 1), "cuda_fraction_of_copy": round(gbps / copy_gbps, 3),
@@ -100,7 +94,7 @@ def test_inference(benchmark, copy_gbps, shape, channels_last):
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=("nchw", "channels_last"))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_training_forward_backward(benchmark, shape, channels_last):
-    x, weight, bias, bn_weight, bn_bias, running_mean, running_var = make_inputs(shape, channels_last)
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var = block_inputs(shape, channels_last, DTYPE, "cuda")
     grad_out = torch.randn_like(x)
 
     def fused_cuda():
@@ -119,10 +113,10 @@ def test_training_forward_backward(benchmark, shape, channels_last):
         out = eager_block(*leaves, running_mean, running_var, training=True)
         return torch.autograd.grad(out, leaves, grad_out)
 
-    ms = {"cuda": median_ms(fused_cuda), "triton": median_ms(fused_triton), "eager": median_ms(eager)}
+    ms = {name: median_ms(fn, device="cuda") for name, fn in (("cuda", fused_cuda), ("triton", fused_triton),
+                                                               ("eager", eager))}
     info = {
         "shape": list(shape), "dtype": str(DTYPE), "channels_last": channels_last,
-        "device": torch.cuda.get_device_name(),
         **{f"{name}_fwd_bwd_ms": round(v, 5) for name, v in ms.items()},
         "cuda_speedup_vs_eager": round(ms["eager"] / ms["cuda"], 2),
         "triton_speedup_vs_eager": round(ms["eager"] / ms["triton"], 2),

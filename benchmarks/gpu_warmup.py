@@ -14,7 +14,8 @@ processes read (~/.triton/cache, torch.compile's /tmp/torchinductor_<user>).
 
 A Triton module whose imports are torch, triton and fercuda._checks alone loads before the build
 ends: a bare stand-in for the fercuda package lets it load without fercuda/__init__.py (which
-loads _C). fercuda/triton/canny.py does. One that needs more of fercuda (dwconv.py registers its
+loads _C). fercuda/triton/canny.py does, and so do the cases' inputs and the eager block
+(fercuda.compare.canny, fercuda.compare.dwconv), shared with the benchmarks and `make compare`. One that needs more of fercuda (dwconv.py registers its
 fakes and autograd beside the C++ ops') makes its part wait for the build's fercuda/_C*.so and
 start again with the real package. torch.compile's part needs no fercuda at all.
 
@@ -30,17 +31,31 @@ import time
 import types
 from pathlib import Path
 
-if __name__ == "__main__" and "--dry" in sys.argv[1:]:
-    # Triton reads this when it is imported (torch and gpu_cases import it): set before.
-    os.environ["TRITON_INTERPRET"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+AFTER_BUILD = "--after-build"
+
+
+def stand_in_package():
+    """A bare fercuda package, without fercuda/__init__.py (which loads _C): its submodules that
+    need no fercuda._C load through it while the build runs."""
+    if AFTER_BUILD not in sys.argv and "fercuda" not in sys.modules:
+        package = types.ModuleType("fercuda")
+        package.__path__ = [str(ROOT / "fercuda")]
+        sys.modules["fercuda"] = package
+
+
+if __name__ == "__main__":
+    if "--dry" in sys.argv[1:]:
+        # Triton reads this when it is imported (torch and fercuda.compare import it): set before.
+        os.environ["TRITON_INTERPRET"] = "1"
+    stand_in_package()  # fercuda.compare's inputs are needed before the build ends
 
 import torch  # noqa: E402
 
-from gpu_cases import (  # noqa: E402
-    CANNY_HIGH, CANNY_LOW, CANNY_PICTURES, FER_COUNT, LAYOUTS, SHAPES, compile_block, make_inputs)
+from fercuda.compare.canny import HIGH, LOW  # noqa: E402
+from fercuda.compare.dwconv import block_inputs, compile_block  # noqa: E402
+from gpu_cases import CANNY_PICTURES, DTYPE, FER_COUNT, LAYOUTS, SHAPES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-AFTER_BUILD = "--after-build"
 STARTED = float(os.environ.get("GPU_WARMUP_STARTED", time.time()))
 DEVICE = "cuda"  # "cpu" with --dry
 DRY = False
@@ -53,10 +68,7 @@ def log(*msg):
 
 def fercuda_module(name):
     """fercuda.<name>: through the stand-in package while the build runs, where it loads so."""
-    if AFTER_BUILD not in sys.argv and "fercuda" not in sys.modules:
-        package = types.ModuleType("fercuda")
-        package.__path__ = [str(ROOT / "fercuda")]
-        sys.modules["fercuda"] = package
+    stand_in_package()
     try:
         return importlib.import_module(f"fercuda.{name}")
     except Exception as e:
@@ -125,14 +137,14 @@ def warm_canny():
     shapes = [(3, 8, 8)] if DRY else [(FER_COUNT, 48, 48)] + CANNY_PICTURES
     for shape in shapes:
         img = uint8_images(shape)
-        timed(f"triton canny {shape}", canny.canny, img, CANNY_LOW, CANNY_HIGH)
+        timed(f"triton canny {shape}", canny.canny, img, LOW, HIGH)
 
 
 def warm_dwconv():
     fercuda_module("triton.dwconv")
     cases = [((2, 3, 5, 7), False)] if DRY else [(s, cl) for s in SHAPES for cl in LAYOUTS]
     for shape, channels_last in shard(cases):
-        inputs = make_inputs(shape, channels_last, DEVICE)
+        inputs = block_inputs(shape, channels_last, DTYPE, DEVICE)
         with torch.no_grad():
             timed(f"triton dwconv {shape} channels_last={channels_last} inference",
                   fercuda_module("ops").dwconv_bn_relu6, *inputs, backend="triton")
@@ -144,7 +156,7 @@ def warm_dwconv():
 def warm_compile():
     cases = [((2, 3, 5, 7), False)] if DRY else [(s, cl) for s in SHAPES for cl in LAYOUTS]
     for shape, channels_last in shard(cases):
-        inputs = make_inputs(shape, channels_last, DEVICE)
+        inputs = block_inputs(shape, channels_last, DTYPE, DEVICE)
         _, cache = timed(f"torch.compile eager_block {shape} channels_last={channels_last}", compile_block, inputs)
         log(f"  cache {cache}")
 
@@ -166,7 +178,7 @@ def warm_tests():
     for shape in shapes:
         for dtype in dtypes:
             for channels_last in LAYOUTS[:1] if DRY else LAYOUTS:
-                inputs = make_inputs(shape, channels_last, DEVICE, dtype)
+                inputs = block_inputs(shape, channels_last, dtype, DEVICE)
                 for stride in (1,) if DRY else (1, 2):
                     for training in (False, True):
                         timed(f"triton dwconv {shape} {dtype} channels_last={channels_last} stride={stride} "
