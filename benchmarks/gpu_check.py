@@ -2,7 +2,8 @@
 
 benchmarks/gpu_check.sh runs this with the machine's Python. Figures first, then correctness:
 
-  environment         versions and the GPU; carried wheels (.whl/: kornia) installed
+  environment         the record of fercuda.compare.environment (CPU and its flags, versions, threads,
+                      load, the GPU), once; carried wheels (.whl/: kornia) installed first
   build               FORCE_CUDA=1 setup.py build_ext --inplace for sm_90, and beside it, in the
                       background: the FER2013 archive unpacked, Triton's and torch.compile's caches
                       warmed at the benchmarks' cases (gpu_warmup.py), then at the tests' variants
@@ -19,7 +20,7 @@ whatever the stages before it left unused, never into the caps of the stages aft
 that fails or runs out of time is recorded and the next one runs.
 
 Nothing waits for a clean end: every stage's output goes to its log as it is printed, benchmark
-rows are kept the moment they are measured (bench_record.py), and the files in $OUT are rewritten
+rows are kept the moment they are measured (fercuda.compare.emit), and the files in $OUT are rewritten
 after every stage and every REFRESH_S seconds within one. $OUT receives at most these 4 files:
 
   summary.txt      the stage table (cap, limit, seconds, status) and every figure measured
@@ -207,7 +208,7 @@ class GpuCheck:
                        f"|| echo 'installing the carried wheels FAILED'; ")
         script = (install + "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem "
                   "--format=csv || echo 'no nvidia-smi'; "
-                  f"exec {py} benchmarks/bench_record.py --json {work / 'environment.json'}")
+                  f"exec {py} fercuda/compare/environment.py --json {work / 'environment.json'}")
         stages.append(Stage("environment", caps["environment"], lambda limit: ["bash", "-c", script],
                             judge=self.judge_environment))
 
@@ -528,6 +529,8 @@ class GpuCheck:
             lines.append(f"{gpu}; python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), "
                          f"triton {env.get('triton')}, cv2 {env.get('cv2')}, kornia {env.get('kornia')}, "
                          f"pytest-xdist {env.get('xdist')}, pytest-timeout {env.get('pytest_timeout')}")
+            lines.append(f"{env.get('cpu')} ({env.get('cpu_count')} cores; {' '.join(env.get('cpu_flags') or [])}), "
+                         f"{env.get('threads')} threads, load average {env.get('load_average')}")
         lines += ["", f"{'stage':<22}{'cap s':>6}{'limit s':>9}{'used s':>8}  status"]
         for s in self.stages:
             limit = f"{s.limit:.0f}" if s.limit else "-"

@@ -16,8 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import bench_record  # noqa: E402
 import gpu_check  # noqa: E402
+from fercuda.compare import emit  # noqa: E402
 
 STAGES = list(gpu_check.CAPS)
 STATUSES = {"ok", "FAILED", "TIMEOUT", "SKIPPED", "REFUSED", "WARN", "INTERRUPTED"}
@@ -56,8 +56,8 @@ def test_caps_add_up_within_the_budget():
 def test_emit_prints_the_row_and_keeps_it(tmp_path, monkeypatch, capsys):
     rows = tmp_path / "rows.jsonl"
     monkeypatch.setenv("FERCUDA_BENCH_ROWS", str(rows))
-    bench_record.emit("demo", "a", "row a: 1.0 ms", header="the header", ms=1.0)
-    bench_record.emit("demo", "b", "row b: 2.0 ms", header="the header", ms=2.0)
+    emit("demo", "a", "row a: 1.0 ms", header="the header", ms=1.0)
+    emit("demo", "b", "row b: 2.0 ms", header="the header", ms=2.0)
     printed = capsys.readouterr().out
     assert printed.count("the header") == 1 and "row a: 1.0 ms" in printed and "row b: 2.0 ms" in printed
     kept = [json.loads(line) for line in rows.read_text().splitlines()]
