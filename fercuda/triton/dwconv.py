@@ -260,6 +260,10 @@ def _strides(t):
 # Launch parameters, on a GPU and under the interpreter (where each program costs milliseconds):
 # elements per program of the elementwise kernels, (positions, channels) tile of the reductions
 # by layout (channels_last or not). fercuda.triton.resources compiles the GPU ones.
+# The grad_input kernel's GPU block halves with 64-bit indices (_grad_input_block): at 1024
+# elements, 8 a thread, the 64-bit index arithmetic of its 9 taps needs more than 255 registers
+# in channels_last at stride 2, which then spills (48-56 B with Triton 3.6 on sm_90). The apply
+# kernel keeps 1024: at 512 ptxas spills it instead (up to 104 B, Triton 3.8).
 _BLOCK = {"gpu": 1024, "interpreter": 256}
 _REDUCE_TILE = {"gpu": {False: (256, 1), True: (8, 32)}, "interpreter": {False: (32, 1), True: (8, 4)}}
 _NUM_WARPS = 4
@@ -267,6 +271,11 @@ _NUM_WARPS = 4
 
 def _where(t):
     return "gpu" if t.is_cuda else "interpreter"
+
+
+def _grad_input_block(where, index_64):
+    """Elements per program of the grad_input kernel."""
+    return _BLOCK[where] // 2 if index_64 and where == "gpu" else _BLOCK[where]
 
 
 def _reduce_plan(x, channels, positions, channels_last):
@@ -295,6 +304,7 @@ def _apply(x_c, channels_last, weight, bias, p, from_running, eps, stride, paddi
     n, c, h, w = x_c.shape
     ho, wo = out.shape[2], out.shape[3]
     total = out.numel()
+    index_64 = _needs_int64(x_c, out)
     block = _BLOCK[_where(x_c)]
     dummy = p[0]
     _dwconv_bn_relu6_apply_kernel[(triton.cdiv(total, block),)](
@@ -302,7 +312,7 @@ def _apply(x_c, channels_last, weight, bias, p, from_running, eps, stride, paddi
         p[2] if from_running else dummy, p[3] if from_running else dummy, float(eps), total,
         c, h, w, ho, wo, *_strides(x_c),
         HAS_BIAS=bias is not None, FROM_RUNNING=from_running, CHANNELS_LAST=channels_last,
-        STRIDE=stride, PAD=padding, BLOCK=block, INDEX_64=_needs_int64(x_c, out), num_warps=_NUM_WARPS,
+        STRIDE=stride, PAD=padding, BLOCK=block, INDEX_64=index_64, num_warps=_NUM_WARPS,
     )
 
 
@@ -430,10 +440,11 @@ def dwconv_bn_relu6_backward_triton(
     grad_bias = slots_b.double().sum(0)[:, 0].to(weight.dtype)
     grad_weight = slots_w.double().sum(0)[:, :9].reshape(c, 1, 3, 3).to(weight.dtype)
     total = grad_x.numel()
-    block = _BLOCK[_where(x)]
+    index_64 = _needs_int64(grad_x, gz)
+    block = _grad_input_block(_where(x), index_64)
     _dwconv_grad_input_kernel[(triton.cdiv(total, block),)](
         grad_x, gz, weight_c, total, c, h, w, ho, wo, *_strides(gz),
-        CHANNELS_LAST=channels_last, STRIDE=stride, PAD=padding, BLOCK=block, INDEX_64=_needs_int64(grad_x, gz),
+        CHANNELS_LAST=channels_last, STRIDE=stride, PAD=padding, BLOCK=block, INDEX_64=index_64,
         num_warps=_NUM_WARPS,
     )
     return grad_x, grad_weight, grad_bias, sum_gyx.to(bn_weight.dtype), sum_gy.to(bn_bias.dtype)

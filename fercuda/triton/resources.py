@@ -160,7 +160,6 @@ def _dwconv_variants():
     dwconv = _module("dwconv")
     f32 = "*fp32"
     warps = dwconv._NUM_WARPS
-    block = dwconv._BLOCK["gpu"]
     out = []
     for dtype, channels_last, stride, index_64 in itertools.product(
             _DTYPES, (False, True), (1, 2), (False, True)):
@@ -179,8 +178,8 @@ def _dwconv_variants():
                          p2_ptr=f32, p3_ptr=f32, eps="fp32", total=count, C="i32", H="i32", W="i32", HO="i32",
                          WO="i32", **x_types)
             out.append(_variant("dwconv", "_dwconv_bn_relu6_apply_kernel", types,
-                                dict(HAS_BIAS=has_bias, FROM_RUNNING=from_running, BLOCK=block, INDEX_64=index_64,
-                                     **conv, **x_units), warps, options))
+                                dict(HAS_BIAS=has_bias, FROM_RUNNING=from_running, BLOCK=dwconv._BLOCK["gpu"],
+                                     INDEX_64=index_64, **conv, **x_units), warps, options))
 
         # Reductions: training pass 1 (no bias: the mean absorbs it), backward passes 1 and 2.
         # Positions pass 2**31 only where the elements do: "index" sets their width here.
@@ -202,7 +201,8 @@ def _dwconv_variants():
         types = dict(gx_ptr=t, gz_ptr=f32, w_ptr=t, total=count, C="i32", H="i32", W="i32", HO="i32", WO="i32",
                      **y_types)
         out.append(_variant("dwconv", "_dwconv_grad_input_kernel", types,
-                            dict(BLOCK=block, INDEX_64=index_64, **conv, **y_units), warps, options))
+                            dict(BLOCK=dwconv._grad_input_block("gpu", index_64), INDEX_64=index_64, **conv,
+                                 **y_units), warps, options))
     return out
 
 
