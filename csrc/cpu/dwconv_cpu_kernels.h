@@ -1,0 +1,550 @@
+// Kernels of the fused depthwise 3x3 conv + BatchNorm + ReLU6 on the CPU: the hot loops of
+// both layouts (FERCUDA_SIMD: an AVX2 clone and a baseline one), the per-plane / per-row
+// helpers around them, and the deterministic merges of per-task partial results.
+// dwconv_cpu.cpp holds the op glue (argument checks, allocation, dtype dispatch, and the
+// at::parallel_for over tasks that calls these). Plain C++ on pointers (no ATen).
+//
+// T is the accumulation type (float, or double for float64 tensors); scalar_t the tensor's
+// dtype, met only when a plane or row is loaded or stored.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "dwconv_cpu_vec.h"
+#include "fercuda/dwconv_math.h"
+#include "fercuda/hd.h"
+
+namespace fercuda {
+namespace dwconv_cpu {
+// Internal linkage, like the op glue: private to dwconv_cpu.cpp, the file that includes it
+// (fercuda._C exports none of these symbols).
+namespace {
+
+using dwconv::kTaps;
+
+// ---- Shared by both layouts ----------------------------------------------------------------
+
+struct Geometry {
+  int64_t n, c, h, w, h_out, w_out, stride, padding;
+  int64_t hp() const { return h + 2 * padding; }
+  int64_t wp() const { return w + 2 * padding; }
+};
+
+// Chan's combination of equal-sized parts (per task: an (n, c) plane or an (n, oy) row) into
+// the batch mean and biased variance of one channel. Part r holds part_count values, with mean
+// part_mean[r * stride] and sum of squared deviations part_m2[r * stride]; count is the
+// channel's total (parts * part_count). Summed in part order, in double precision.
+template <typename P>
+void chan_merge(const P* part_mean, const P* part_m2, int64_t parts, int64_t stride, int64_t part_count,
+                int64_t count, double& mean, double& var) {
+  double s = 0;
+  for (int64_t r = 0; r < parts; ++r) s += part_mean[r * stride];
+  const double mu = s / parts;
+  double m2 = 0;
+  for (int64_t r = 0; r < parts; ++r) {
+    const double d = part_mean[r * stride] - mu;
+    m2 += part_m2[r * stride] + d * d * part_count;
+  }
+  mean = mu;
+  var = m2 / count;
+}
+
+// Slots of the backward's per-channel sums: sum ga, sum ga * xhat, sum gz, then the 9 taps
+// of grad_weight.
+constexpr int kSlots = 3 + kTaps;
+
+// Where a backward task's partial sums lie: slot s of channel c of image n at
+// n * n_stride + c * c_stride + s * s_stride.
+struct SlotLayout {
+  int64_t n_stride, c_stride, s_stride;
+};
+
+// sums[c * kSlots + s] = the partials of slots [first, last) added over the n images in order:
+// the result does not depend on how the tasks were spread over threads.
+inline void sum_over_batch(const double* part, const SlotLayout& l, int64_t n, int64_t channels, int first, int last,
+                           double* sums) {
+  for (int64_t c = 0; c < channels; ++c)
+    for (int s = first; s < last; ++s) {
+      double acc = 0;
+      for (int64_t i = 0; i < n; ++i) acc += part[i * l.n_stride + c * l.c_stride + s * l.s_stride];
+      sums[c * kSlots + s] = acc;
+    }
+}
+
+// The per-channel coefficients of gz (dwconv::BNBackward); training reads sum ga and
+// sum ga * xhat from sums (C, kSlots).
+template <typename T>
+std::vector<dwconv::BNBackward<T>> backward_coeffs(const T* bn_w, const T* invstd, const double* sums, double count,
+                                                   bool training, int64_t channels) {
+  std::vector<dwconv::BNBackward<T>> k(channels);
+  for (int64_t c = 0; c < channels; ++c)
+    k[c] = dwconv::bn_backward_coeffs<T>(bn_w[c], invstd[c], training ? sums[c * kSlots] : 0.0,
+                                         training ? sums[c * kSlots + 1] : 0.0, count, training);
+  return k;
+}
+
+// Vectors cross no call boundary here (see load_vec).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// ---- NCHW: one task per (n, c) plane, in the wide layout -----------------------------------
+//
+// NCHW planes are processed in a "wide" layout: output (oy, ox) lives at k = oy * wp + ox,
+// wp being the padded plane's row length, so a tap (ky, kx) reads the padded plane at
+// k * stride + ky * wp + kx for every output and each loop runs over the whole plane at
+// once: long vector loops even for the network's 6x6 planes. Entries with ox >= w_out are
+// scratch (the last row has none); the backward gives them a zero gradient.
+template <typename T>
+FERCUDA_SIMD void conv_wide(const T* __restrict xp, int64_t wp, const T* __restrict w, T shift, int64_t stride,
+                            int64_t len, T* __restrict z) {
+  const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
+  const T* r0 = xp;
+  const T* r1 = xp + wp;
+  const T* r2 = xp + 2 * wp;
+  if (stride == 1) {
+    for (int64_t k = 0; k < len; ++k) {
+      z[k] = shift + r0[k] * w0 + r0[k + 1] * w1 + r0[k + 2] * w2 + r1[k] * w3 + r1[k + 1] * w4 + r1[k + 2] * w5 +
+             r2[k] * w6 + r2[k + 1] * w7 + r2[k + 2] * w8;
+    }
+  } else {
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t i = 2 * k;
+      z[k] = shift + r0[i] * w0 + r0[i + 1] * w1 + r0[i + 2] * w2 + r1[i] * w3 + r1[i + 1] * w4 + r1[i + 2] * w5 +
+             r2[i] * w6 + r2[i + 1] * w7 + r2[i + 2] * w8;
+    }
+  }
+}
+
+// out[oy][ox] = relu6(z[oy * wp + ox]), narrowed to the output dtype. Narrow planes
+// (the network's 6x6 and 12x12) go through an index table, one long (gather) loop, rather
+// than rows too short to vectorize.
+template <typename T, typename scalar_t>
+FERCUDA_SIMD void store_relu6_wide(const T* __restrict z, int64_t wp, int64_t h_out, int64_t w_out,
+                                   const int32_t* __restrict index, scalar_t* __restrict out) {
+  if (index != nullptr) {
+    const int64_t n = h_out * w_out;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(dwconv::relu6(z[index[i]]));
+    return;
+  }
+  for (int64_t oy = 0; oy < h_out; ++oy) {
+    const T* zr = z + oy * wp;
+    scalar_t* o = out + oy * w_out;
+    for (int64_t ox = 0; ox < w_out; ++ox) o[ox] = static_cast<scalar_t>(dwconv::relu6(zr[ox]));
+  }
+}
+
+// dst[i] = src[index[i]]: the interior of a padded plane, narrowed to the tensor's dtype.
+template <typename T, typename scalar_t>
+FERCUDA_SIMD void gather_plane(const T* __restrict src, const int32_t* __restrict index, int64_t n,
+                               scalar_t* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[index[i]]);
+}
+
+// Mean and sum of squared deviations of one wide plane's outputs, valid[k] being 1 for
+// outputs and 0 for scratch entries (two passes over L1-resident data: no cancellation,
+// unlike sum and sum of squares).
+template <typename T>
+FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, const T* __restrict valid, int64_t len, int64_t count,
+                               double& mean, double& m2) {
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += z[k + j] * valid[k + j];
+  T tail = 0;
+  for (; k < len; ++k) tail += z[k] * valid[k];
+  const T mu = combine_lanes(acc, tail) / static_cast<T>(count);
+  T acc2[kLanes] = {};
+  for (k = 0; k + kLanes <= len; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T d = (z[k + j] - mu) * valid[k + j];
+      acc2[j] += d * d;
+    }
+  tail = 0;
+  for (; k < len; ++k) {
+    const T d = (z[k] - mu) * valid[k];
+    tail += d * d;
+  }
+  mean = mu;
+  m2 = combine_lanes(acc2, tail);
+}
+
+// Backward, elementwise on one wide plane: from z and g (zero in the scratch entries), the
+// ReLU6 mask and xhat; the sums of ga and ga * xhat; gz where wanted.
+template <typename T>
+FERCUDA_SIMD void bn_relu6_grad_wide(const T* __restrict z, const T* __restrict g, int64_t len, T mean, T invstd,
+                                     T bn_w, T bn_b, dwconv::BNBackward<T> k, T* __restrict gz, T& sum_ga,
+                                     T& sum_ga_xhat) {
+  T acc_ga[kLanes] = {}, acc_gx[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T xhat = (z[i + j] - mean) * invstd;
+      const T a = bn_w * xhat + bn_b;
+      const T ga = dwconv::relu6_passes(a) ? g[i + j] : T(0);
+      acc_ga[j] += ga;
+      acc_gx[j] += ga * xhat;
+      if (gz != nullptr) gz[i + j] = dwconv::grad_z(k, ga, xhat);
+    }
+  T t_ga = 0, t_gx = 0;
+  for (; i < len; ++i) {
+    const T xhat = (z[i] - mean) * invstd;
+    const T a = bn_w * xhat + bn_b;
+    const T ga = dwconv::relu6_passes(a) ? g[i] : T(0);
+    t_ga += ga;
+    t_gx += ga * xhat;
+    if (gz != nullptr) gz[i] = dwconv::grad_z(k, ga, xhat);
+  }
+  sum_ga = combine_lanes(acc_ga, t_ga);
+  sum_ga_xhat = combine_lanes(acc_gx, t_gx);
+}
+
+// grad_w[tap] = sum over the wide plane of gz * the input under that tap.
+template <typename T>
+FERCUDA_SIMD void grad_weight_wide(const T* __restrict xp, int64_t wp, const T* __restrict gz, int64_t stride,
+                                   int64_t len, T* __restrict gw) {
+  if (stride == 1) {
+    // All nine taps in one sweep, one vector accumulator each: gz is read once, and the
+    // network's small planes (a few vectors long) pay one loop instead of nine.
+    constexpr int64_t kV = kVecLen<T>;
+    Vec<T> acc[kTaps] = {};
+    for (int64_t k = 0; k < len; k += kV) {  // len is a multiple of kLanes
+      const Vec<T> gv = load_vec(gz + k);
+      for (int t = 0; t < kTaps; ++t) acc[t] += gv * load_vec(xp + (t / 3) * wp + (t % 3) + k);
+    }
+    for (int t = 0; t < kTaps; ++t) {
+      T lanes[kV];
+      store_vec(lanes, acc[t]);
+      for (int64_t half = kV / 2; half >= 1; half /= 2)
+        for (int64_t j = 0; j < half; ++j) lanes[j] += lanes[j + half];
+      gw[t] = lanes[0];
+    }
+    return;
+  }
+  for (int t = 0; t < kTaps; ++t) {
+    const T* r = xp + (t / 3) * wp + (t % 3);
+    T acc[kLanes] = {};
+    T tail = 0;
+    int64_t k = 0;
+    if (stride == 1) {
+      for (; k + kLanes <= len; k += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) acc[j] += gz[k + j] * r[k + j];
+      for (; k < len; ++k) tail += gz[k] * r[k];
+    } else {
+      for (; k + kLanes <= len; k += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) acc[j] += gz[k + j] * r[2 * (k + j)];
+      for (; k < len; ++k) tail += gz[k] * r[2 * k];
+    }
+    gw[t] = combine_lanes(acc, tail);
+  }
+}
+
+// Transposed depthwise conv: scatter gz * w into the padded plane gxp (zeroed by the caller).
+template <typename T>
+FERCUDA_SIMD void grad_input_wide(const T* __restrict gz, const T* __restrict w, int64_t stride, int64_t len,
+                                  int64_t wp, T* __restrict gxp) {
+  for (int t = 0; t < kTaps; ++t) {
+    T* r = gxp + (t / 3) * wp + (t % 3);
+    const T wt = w[t];
+    if (stride == 1) {
+      for (int64_t k = 0; k < len; ++k) r[k] += gz[k] * wt;
+    } else {
+      for (int64_t k = 0; k < len; ++k) r[2 * k] += gz[k] * wt;
+    }
+  }
+}
+
+// Stride 1, as a gather: gxp[p] = sum over taps of w[t] * gz[p - offset(t)], one sweep
+// writing each entry of the padded plane once (no zeroing, no nine read-modify-write
+// passes). gz must be readable, and zero, from gz - (2 * wp + 2) to gz + len_padded + kV.
+template <typename T>
+FERCUDA_SIMD void grad_input_gather_wide(const T* __restrict gz, const T* __restrict w, int64_t wp,
+                                         int64_t len_padded, T* __restrict gxp) {
+  constexpr int64_t kV = kVecLen<T>;
+  for (int64_t p = 0; p < len_padded; p += kV) {
+    Vec<T> acc = {};
+    for (int t = 0; t < kTaps; ++t) acc += load_vec(gz + p - (t / 3) * wp - (t % 3)) * w[t];
+    store_vec(gxp + p, acc);
+  }
+}
+
+// Buffers of one padded plane or one wide plane: their border / scratch entries are
+// zeroed here once and never written again.
+template <typename T>
+std::vector<T> padded_buffer(const Geometry& g) {
+  // The slack covers the reads and writes of the entries past the last output (wide_len).
+  return std::vector<T>(g.hp() * g.wp() + 2 * kLanes, T(0));
+}
+
+// Entries up to the last output, then up to a multiple of kLanes so that no loop over a
+// wide plane has a scalar tail (the network's 6x6 planes would spend most time there).
+int64_t wide_outputs_end(const Geometry& g) { return (g.h_out - 1) * g.wp() + g.w_out; }
+int64_t wide_len(const Geometry& g) { return (wide_outputs_end(g) + kLanes - 1) / kLanes * kLanes; }
+
+// Narrow planes are stored through index tables (see store_relu6_wide).
+bool narrow_plane(const Geometry& g) { return g.w_out < 16; }
+
+// index[oy * cols + ox] = (oy + offset) * row_len + ox + offset.
+std::vector<int32_t> plane_index(int64_t rows, int64_t cols, int64_t row_len, int64_t offset) {
+  std::vector<int32_t> index(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) index[r * cols + c] = static_cast<int32_t>((r + offset) * row_len + c + offset);
+  return index;
+}
+
+// Widens one (H, W) plane into the interior of the zero-padded buffer xp.
+template <typename scalar_t, typename T>
+void load_padded_plane(const scalar_t* x, const Geometry& g, T* xp) {
+  for (int64_t y = 0; y < g.h; ++y) {
+    T* row = xp + (y + g.padding) * g.wp() + g.padding;
+    const scalar_t* src = x + y * g.w;
+    for (int64_t i = 0; i < g.w; ++i) row[i] = static_cast<T>(src[i]);
+  }
+}
+
+// Widens one (H_out, W_out) plane into the wide buffer gw (scratch entries stay zero).
+template <typename scalar_t, typename T>
+void load_wide_plane(const scalar_t* src, const Geometry& g, T* wide) {
+  for (int64_t oy = 0; oy < g.h_out; ++oy)
+    for (int64_t ox = 0; ox < g.w_out; ++ox) wide[oy * g.wp() + ox] = static_cast<T>(src[oy * g.w_out + ox]);
+}
+
+// z = the wide plane of conv(x_plane) + shift, x_plane widened into the padded buffer xp first.
+template <typename scalar_t, typename T>
+void conv_plane(const scalar_t* x_plane, const Geometry& g, const T* w, T shift, int64_t len, T* xp, T* z) {
+  load_padded_plane(x_plane, g, xp);
+  conv_wide(xp, g.wp(), w, shift, g.stride, len, z);
+}
+
+// ---- channels_last: one task per (n, output row) or per image, loops along C ---------------
+//
+// Rows: (W, C) arrays of the accumulation type; in conv_row_cl_fused, three
+// input rows (a null row is zero padding) give one output row (shift[c] + 3x3 window, then
+// ReLU6 when kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
+
+constexpr int kClVecs = 4;
+template <typename T>
+constexpr int64_t kClBlockOf = kClVecs * kVecLen<T>;
+
+// out[c] = shift[c] + sum over the n_taps pairs of xs[t][c] * ws[t][c] (then ReLU6 when
+// kRelu6), for all channels: blocks of kClVecs vectors stay in registers across the taps, so
+// each output is stored once and never re-read; the taps are summed in the order given.
+template <typename T, bool kRelu6>
+__attribute__((always_inline)) inline void taps_dot_cl(const T* const* xs, const T* const* ws, int n_taps,
+                                                       const T* __restrict shift, int64_t channels,
+                                                       T* __restrict out) {
+  constexpr int64_t kClBlock = kClBlockOf<T>;
+  int64_t c0 = 0;
+  for (; c0 + kClBlock <= channels; c0 += kClBlock) {
+    Vec<T> acc[kClVecs];
+    for (int v = 0; v < kClVecs; ++v) acc[v] = load_vec(shift + c0 + v * kVecLen<T>);
+    for (int t = 0; t < n_taps; ++t)
+      for (int v = 0; v < kClVecs; ++v)
+        acc[v] += load_vec(xs[t] + c0 + v * kVecLen<T>) * load_vec(ws[t] + c0 + v * kVecLen<T>);
+    for (int v = 0; v < kClVecs; ++v) {
+      Vec<T> a = acc[v];
+      if constexpr (kRelu6) {
+        // relu6 lane by lane, as dwconv::relu6 (NaN propagates).
+        const Vec<T> zero = Vec<T>{}, six = zero + T(6);
+        a = a < zero ? zero : (a > six ? six : a);
+      }
+      store_vec(out + c0 + v * kVecLen<T>, a);
+    }
+  }
+  for (; c0 < channels; ++c0) {
+    T acc = shift[c0];
+    for (int t = 0; t < n_taps; ++t) acc += xs[t][c0] * ws[t][c0];
+    out[c0] = kRelu6 ? dwconv::relu6(acc) : acc;
+  }
+}
+
+template <typename T, bool kRelu6>
+FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
+                                    int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
+                                    T* __restrict out) {
+  for (int64_t ox = 0; ox < w_out; ++ox) {
+    const T* xs[kTaps];
+    const T* ws[kTaps];
+    int n_taps = 0;
+    for (int ky = 0; ky < 3; ++ky) {
+      if (rows[ky] == nullptr) continue;
+      for (int kx = 0; kx < 3; ++kx) {
+        const int64_t ix = ox * stride - padding + kx;
+        if (ix < 0 || ix >= width) continue;
+        xs[n_taps] = rows[ky] + ix * channels;
+        ws[n_taps] = w9c + (ky * 3 + kx) * channels;
+        ++n_taps;
+      }
+    }
+    taps_dot_cl<T, kRelu6>(xs, ws, n_taps, shift, channels, out + ox * channels);
+  }
+}
+
+// channels_last backward, one input row iy of grad_x: the transposed conv written as a gather,
+// gx[ix][c] = sum over the taps (ky, kx) that put input (iy, ix) under an output (oy, ox) of
+// gz[oy][ox][c] * w[ky][kx][c]; gz is the image's (H_out, W_out, C) gradient, zeros a (C,)
+// vector of zeros.
+template <typename T>
+FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64_t w_out, int64_t iy, int64_t width,
+                                    int64_t channels, int64_t padding, int64_t stride, const T* __restrict w9c,
+                                    const T* __restrict zeros, T* __restrict out) {
+  // stride is 1 or 2: shifts and masks, not divisions, in this per-pixel loop.
+  const int64_t shift = stride == 2 ? 1 : 0, odd = stride - 1;
+  for (int64_t ix = 0; ix < width; ++ix) {
+    const T* gs[kTaps];
+    const T* ws[kTaps];
+    int n_taps = 0;
+    for (int ky = 0; ky < 3; ++ky) {
+      const int64_t ny = iy + padding - ky;
+      if (ny < 0 || (ny & odd) != 0 || (ny >> shift) >= h_out) continue;
+      const int64_t oy = ny >> shift;
+      for (int kx = 0; kx < 3; ++kx) {
+        const int64_t nx = ix + padding - kx;
+        if (nx < 0 || (nx & odd) != 0 || (nx >> shift) >= w_out) continue;
+        gs[n_taps] = gz + (oy * w_out + (nx >> shift)) * channels;
+        ws[n_taps] = w9c + (ky * 3 + kx) * channels;
+        ++n_taps;
+      }
+    }
+    taps_dot_cl<T, false>(gs, ws, n_taps, zeros, channels, out + ix * channels);
+  }
+}
+
+// channels_last backward, one output row: from the conv row z[ox][c] and the gradient row
+// g[ox][c], per channel the ReLU6 mask, xhat, the row's sums of ga and ga * xhat and, when
+// kGz, gz[ox][c] and its row sum. k holds the (C,) vectors k_ga, k_xhat, k_one of
+// dwconv::BNBackward.
+template <typename T, bool kGz>
+FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restrict g, int64_t w_out, int64_t channels,
+                                       const T* __restrict mu, const T* __restrict is, const T* __restrict bw,
+                                       const T* __restrict bb, const T* __restrict k_ga, const T* __restrict k_xhat,
+                                       const T* __restrict k_one, T* __restrict gz, T* __restrict sum_ga,
+                                       T* __restrict sum_gx, T* __restrict sum_gz) {
+  // One vector of channels at a time, its sums in registers across the row; written with
+  // vector types because the mask's two comparisons keep the compiler from vectorizing.
+  constexpr int64_t kV = kVecLen<T>;
+  const Vec<T> zero = Vec<T>{}, six = zero + T(6);
+  int64_t c0 = 0;
+  for (; c0 + kV <= channels; c0 += kV) {
+    const Vec<T> m = load_vec(mu + c0), s = load_vec(is + c0), w = load_vec(bw + c0), bias = load_vec(bb + c0);
+    Vec<T> kg = zero, kx = zero, k1 = zero;
+    if constexpr (kGz) kg = load_vec(k_ga + c0), kx = load_vec(k_xhat + c0), k1 = load_vec(k_one + c0);
+    Vec<T> s_ga = zero, s_gx = zero, s_gz = zero;
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const Vec<T> xhat = (load_vec(z + ox * channels + c0) - m) * s;
+      const Vec<T> a = w * xhat + bias;
+      const Vec<T> ga = ((a > zero) & (a < six)) ? load_vec(g + ox * channels + c0) : zero;
+      s_ga += ga;
+      s_gx += ga * xhat;
+      if constexpr (kGz) {
+        const Vec<T> d = kg * ga + kx * xhat + k1;
+        store_vec(gz + ox * channels + c0, d);
+        s_gz += d;
+      }
+    }
+    store_vec(sum_ga + c0, s_ga);
+    store_vec(sum_gx + c0, s_gx);
+    if constexpr (kGz) store_vec(sum_gz + c0, s_gz);
+  }
+  for (; c0 < channels; ++c0) {
+    T s_ga = 0, s_gx = 0, s_gz = 0;
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const T xhat = (z[ox * channels + c0] - mu[c0]) * is[c0];
+      const T a = bw[c0] * xhat + bb[c0];
+      const T ga = dwconv::relu6_passes(a) ? g[ox * channels + c0] : T(0);
+      s_ga += ga;
+      s_gx += ga * xhat;
+      if constexpr (kGz) {
+        const T d = k_ga[c0] * ga + k_xhat[c0] * xhat + k_one[c0];
+        gz[ox * channels + c0] = d;
+        s_gz += d;
+      }
+    }
+    sum_ga[c0] = s_ga;
+    sum_gx[c0] = s_gx;
+    if constexpr (kGz) sum_gz[c0] = s_gz;
+  }
+}
+
+// channels_last backward, one output row: gw[tap][c] = sum over the row of gz[ox][c] times
+// the input under that tap (rows as in conv_row_cl_fused). Channels go one vector at a time,
+// its nine tap sums held in registers across the whole row.
+template <typename T>
+FERCUDA_SIMD void grad_weight_row_cl(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
+                                     int64_t stride, const T* __restrict gz, int64_t w_out, T* __restrict gw) {
+  constexpr int64_t kV = kVecLen<T>;
+  int64_t c0 = 0;
+  for (; c0 + kV <= channels; c0 += kV) {
+    Vec<T> acc[kTaps] = {};
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const Vec<T> gv = load_vec(gz + ox * channels + c0);
+      const int64_t ix0 = ox * stride - padding;
+      for (int ky = 0; ky < 3; ++ky) {
+        if (rows[ky] == nullptr) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t ix = ix0 + kx;
+          if (ix < 0 || ix >= width) continue;
+          acc[ky * 3 + kx] += gv * load_vec(rows[ky] + ix * channels + c0);
+        }
+      }
+    }
+    for (int t = 0; t < kTaps; ++t) store_vec(gw + t * channels + c0, acc[t]);
+  }
+  for (; c0 < channels; ++c0) {
+    T acc[kTaps] = {};
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const T gv = gz[ox * channels + c0];
+      for (int ky = 0; ky < 3; ++ky) {
+        if (rows[ky] == nullptr) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t ix = ox * stride - padding + kx;
+          if (ix >= 0 && ix < width) acc[ky * 3 + kx] += gv * rows[ky][ix * channels + c0];
+        }
+      }
+    }
+    for (int t = 0; t < kTaps; ++t) gw[t * channels + c0] = acc[t];
+  }
+}
+
+// channels_last: per-channel mean and M2 over the w_out pixels of one row z[ox][c].
+template <typename T>
+FERCUDA_SIMD void row_mean_m2_cl(const T* __restrict z, int64_t w_out, int64_t channels, T* __restrict mean,
+                                 T* __restrict m2) {
+  for (int64_t c = 0; c < channels; ++c) mean[c] = 0;
+  for (int64_t ox = 0; ox < w_out; ++ox)
+    for (int64_t c = 0; c < channels; ++c) mean[c] += z[ox * channels + c];
+  const T inv = T(1) / static_cast<T>(w_out);
+  for (int64_t c = 0; c < channels; ++c) mean[c] *= inv;
+  for (int64_t c = 0; c < channels; ++c) m2[c] = 0;
+  for (int64_t ox = 0; ox < w_out; ++ox)
+    for (int64_t c = 0; c < channels; ++c) {
+      const T d = z[ox * channels + c] - mean[c];
+      m2[c] += d * d;
+    }
+}
+
+// The three input rows under output row oy, as T (null = padding row).
+template <typename scalar_t, typename T>
+void rows_under(const scalar_t* img, const Geometry& g, int64_t oy, std::vector<T>& buf, const T* rows[3]) {
+  const int64_t row_len = g.w * g.c;
+  for (int ky = 0; ky < 3; ++ky) {
+    const int64_t iy = oy * g.stride - g.padding + ky;
+    rows[ky] = (iy < 0 || iy >= g.h) ? nullptr : load_as(img + iy * row_len, row_len, buf.data() + ky * row_len);
+  }
+}
+
+// z[ox][c] = shift[c] + the 3x3 window of output row oy of one image (img: (H, W, C)); rows
+// receives the input rows under it (as from rows_under), buf their widened copies.
+template <typename scalar_t, typename T>
+void conv_row_cl(const scalar_t* img, const Geometry& g, int64_t oy, const T* w9c, const T* shift,
+                 std::vector<T>& buf, const T* rows[3], T* z) {
+  rows_under(img, g, oy, buf, rows);
+  conv_row_cl_fused<T, false>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z);
+}
+
+#pragma GCC diagnostic pop
+
+}  // namespace
+}  // namespace dwconv_cpu
+}  // namespace fercuda
