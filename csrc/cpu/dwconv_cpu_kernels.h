@@ -222,20 +222,15 @@ FERCUDA_SIMD void grad_weight_wide(const T* __restrict xp, int64_t wp, const T* 
     }
     return;
   }
+  // Stride 2: one strided sweep per tap.
   for (int t = 0; t < kTaps; ++t) {
     const T* r = xp + (t / 3) * wp + (t % 3);
     T acc[kLanes] = {};
     T tail = 0;
     int64_t k = 0;
-    if (stride == 1) {
-      for (; k + kLanes <= len; k += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) acc[j] += gz[k + j] * r[k + j];
-      for (; k < len; ++k) tail += gz[k] * r[k];
-    } else {
-      for (; k + kLanes <= len; k += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) acc[j] += gz[k + j] * r[2 * (k + j)];
-      for (; k < len; ++k) tail += gz[k] * r[2 * k];
-    }
+    for (; k + kLanes <= len; k += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) acc[j] += gz[k + j] * r[2 * (k + j)];
+    for (; k < len; ++k) tail += gz[k] * r[2 * k];
     gw[t] = combine_lanes(acc, tail);
   }
 }
