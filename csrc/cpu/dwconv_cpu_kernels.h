@@ -298,7 +298,7 @@ void load_padded_plane(const scalar_t* x, const Geometry& g, T* xp) {
   }
 }
 
-// Widens one (H_out, W_out) plane into the wide buffer gw (scratch entries stay zero).
+// Widens one (H_out, W_out) plane into the wide buffer (scratch entries stay zero).
 template <typename scalar_t, typename T>
 void load_wide_plane(const scalar_t* src, const Geometry& g, T* wide) {
   for (int64_t oy = 0; oy < g.h_out; ++oy)
@@ -314,9 +314,9 @@ void conv_plane(const scalar_t* x_plane, const Geometry& g, const T* w, T shift,
 
 // ---- channels_last: one task per (n, output row) or per image, loops along C ---------------
 //
-// Rows: (W, C) arrays of the accumulation type; in conv_row_cl_fused, three
-// input rows (a null row is zero padding) give one output row (shift[c] + 3x3 window, then
-// ReLU6 when kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
+// Rows are (W, C) arrays of the accumulation type; in conv_row_cl_fused, three input rows
+// (a null row is zero padding) give one output row (shift[c] + 3x3 window, then ReLU6 when
+// kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
 
 constexpr int kClVecs = 4;
 template <typename T>
