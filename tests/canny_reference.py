@@ -37,11 +37,6 @@ def load_fer(root, split="test", count=None):
     return np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])
 
 
-def fer_images(fer2013_dir, count):
-    """The first `count` test images of FER2013, as an (N, 48, 48) uint8 tensor."""
-    return torch.from_numpy(load_fer(fer2013_dir, "test", count))
-
-
 def fer_picture(images, height, width, gen):
     """A photograph-like picture: a mosaic of FER faces upscaled to (height, width) with cubic interpolation."""
     rows, cols = 4, 6
@@ -101,16 +96,19 @@ def blur_batch(img, ksize):
     return torch.from_numpy(per_image(lambda x: blurred(x, ksize), _images(img)))
 
 
-def sobel_batch(img):
+def _pair_batch(fn, img):
+    """fn(image) -> (a, b) of each (H, W) image, as two tensors of img's shape."""
     a = _images(img)
-    return (torch.from_numpy(per_image(lambda x: sobel_one(x)[0], a)),
-            torch.from_numpy(per_image(lambda x: sobel_one(x)[1], a)))
+    pairs = [fn(x) for x in np.ascontiguousarray(a).reshape(-1, *a.shape[-2:])]
+    return tuple(torch.from_numpy(np.stack([p[i] for p in pairs]).reshape(a.shape)) for i in (0, 1))
+
+
+def sobel_batch(img):
+    return _pair_batch(sobel_one, img)
 
 
 def paper_batch(img, dtype=np.float32):
-    a = _images(img)
-    return (torch.from_numpy(per_image(lambda x: paper_pq(x, dtype)[0], a)),
-            torch.from_numpy(per_image(lambda x: paper_pq(x, dtype)[1], a)))
+    return _pair_batch(lambda x: paper_pq(x, dtype), img)
 
 
 def canny_batch(img, low, high, ksize=5, l2_gradient=False, gradient="sobel"):

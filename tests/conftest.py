@@ -15,11 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 FER2013 = Path(os.environ.get("FERCUDA_FER2013", REPO.parent / "shared" / "data" / "fer2013"))
 
 
-def cpu_and_cuda():
-    """Devices to parametrize over; CUDA cases skip (not vanish) without a GPU."""
-    return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
