@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fercuda  # noqa: E402
+from fercuda.data import default_fer2013_root  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-FER2013 = Path(os.environ.get("FERCUDA_FER2013", REPO.parent / "shared" / "data" / "fer2013"))
+FER2013 = default_fer2013_root()
 
 
 def pytest_collection_modifyitems(config, items):
