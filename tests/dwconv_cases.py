@@ -1,4 +1,5 @@
-"""Inputs, the float64 eager reference and tolerances shared by the dwconv GPU-kernel tests.
+"""Inputs, the float64 eager reference and tolerances of the fused depthwise conv + BatchNorm +
+ReLU6 tests (tests/test_dwconv.py): their one home.
 
 The reference is plain PyTorch, F.relu6(F.batch_norm(F.conv2d(..., groups=C))), sharing no
 code with the fused kernels.
@@ -36,16 +37,38 @@ def sample_inputs(device, dtype, generator, *, n=2, c=3, h=5, w=7, channels_last
 
 
 def reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1, eps=1e-5,
-              training=False, momentum=0.1, dtype=torch.float64):
-    """Eager PyTorch in `dtype`; running_mean / running_var (when already in `dtype`) are updated
-    in place when training."""
+              training=False, momentum=0.1, dtype=torch.float64, bn_dtype=None):
+    """Eager PyTorch in `dtype`, the BatchNorm tensors in `bn_dtype` (default `dtype`);
+    running_mean / running_var (when already in that dtype) are updated in place when training."""
+    bn_dtype = bn_dtype or dtype
 
-    def cast(t):
-        return None if t is None else t.to(dtype)
+    def cast(t, dt=dtype):
+        return None if t is None else t.to(dt)
 
     z = F.conv2d(cast(x), cast(weight), cast(bias), stride, padding, 1, x.shape[1])
-    return F.relu6(F.batch_norm(z, cast(running_mean), cast(running_var), cast(bn_weight), cast(bn_bias), training, momentum,
-                                eps))
+    return F.relu6(F.batch_norm(z, cast(running_mean, bn_dtype), cast(running_var, bn_dtype), cast(bn_weight, bn_dtype),
+                                cast(bn_bias, bn_dtype), training, momentum, eps))
+
+
+def conv64(inputs, stride=1, padding=1):
+    """The depthwise conv of (x, weight, bias, ...) in float64: what BatchNorm normalizes."""
+    x, w, b = inputs[:3]
+    return F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, 1, x.shape[1])
+
+
+def batch_stats(z, eps=1e-5):
+    """(mean, invstd) of z per channel, the biased variance, as BatchNorm normalizes in training."""
+    return z.mean(dim=(0, 2, 3)), torch.rsqrt(z.var(dim=(0, 2, 3), unbiased=False) + eps)
+
+
+def eager_gradients(inputs, grad_out, dtype, *, stride=1, padding=1, eps=1e-5, training):
+    """Gradients of (x, weight, bias, bn_weight, bn_bias) by autograd of the reference in `dtype`
+    (None for an absent bias): the error eager PyTorch makes in that dtype."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs[:5]]
+    stats = [t.detach().to(dtype).clone() for t in inputs[5:7]]
+    out = reference(*leaves, *stats, stride=stride, padding=padding, eps=eps, training=training, dtype=dtype)
+    out.backward(grad_out.to(dtype))
+    return [None if t is None else t.grad for t in leaves]
 
 
 def assert_close_fp32(actual, expected, *, rtol=1e-5, scale=None):
@@ -62,6 +85,39 @@ def assert_within_twice_eager(actual, expected, eager, what=""):
     # The floor covers tensors that eager happens to round exactly (eager_err == 0).
     floor = torch.finfo(actual.dtype).eps * max(1.0, expected.abs().max().item())
     assert err <= 2 * eager_err + floor, f"{what}: max error {err:.3g} > 2 x eager's {eager_err:.3g} (+{floor:.3g})"
+
+
+def max_error(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_max_error(actual, expected, *, eager=None, floor=None, what=""):
+    """The largest error against the float64 `expected`: float32 (eager None) within 1e-5 of the
+    largest magnitude (at least 1); low precision at most twice the largest error of `eager` (the
+    same computed by eager PyTorch in that dtype), floored at `floor` (default one eps of the
+    largest magnitude)."""
+    err = max_error(actual, expected)
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    if eager is None:
+        bound = 1e-5 * max(1.0, scale)
+    else:
+        floor = torch.finfo(actual.dtype).eps * scale if floor is None else floor
+        bound = 2.0 * max(max_error(eager, expected), floor)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def stats_tolerance(dtype):
+    """Batch and running statistics of an x in `dtype` (float32 sums of its widened values; running
+    statistics in that dtype for float16 / bfloat16 BatchNorm tensors)."""
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+# Running statistics kept in float32 for a float16 / bfloat16 input.
+HALF_INPUT_FLOAT32_STATS_TOL = 1e-2
+
+
+def assert_stats_close(actual, expected, tol, what=""):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol, msg=what or None)
 
 
 @contextlib.contextmanager
@@ -82,19 +138,21 @@ def poisoned_allocations():
 def float64_gradients(inputs, grad_out, *, stride=1, padding=1, eps=1e-5, training):
     """Gradients of (x, weight, bias, bn_weight, bn_bias) by float64 autograd of the reference, and
     for each the float64 sum of |terms| its reduction adds up: a float32 sum's error scales with
-    that, not with the (possibly cancelling) result."""
+    that, not with the (possibly cancelling) result. Without a conv bias, the bias gradient is that
+    of a zero bias, sum(grad_z): what the backward ops return whether or not there is a bias."""
     x, weight, bias, bn_weight, bn_bias, running_mean, running_var = inputs
-    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs[:5]]
-    x64, w64, b64, bnw64, bnb64 = leaves
     channels = x.shape[1]
+    if bias is None:
+        bias = torch.zeros(channels, dtype=torch.float64, device=x.device)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, bn_weight, bn_bias)]
+    x64, w64, b64, bnw64, bnb64 = leaves
     z = F.conv2d(x64, w64, b64, stride, padding, 1, channels)
     z.retain_grad()
     normed = F.batch_norm(z, running_mean.double().clone(), running_var.double().clone(), bnw64, bnb64, training,
                           0.1, eps)
     normed.retain_grad()
     F.relu6(normed).backward(grad_out.double())
-    grads = [t.grad if t is not None else torch.zeros(channels, dtype=torch.float64, device=x.device)
-             for t in leaves]
+    grads = [t.grad for t in leaves]
     gz, gy = z.grad.abs(), normed.grad.abs()
     xhat = (normed.detach() - bnb64.detach()[None, :, None, None]) / bnw64.detach()[None, :, None, None]
     term_sums = [
