@@ -2,7 +2,7 @@
 // with C entry points that launch it as dwconv_cuda.cu does: the same plans (grid, block, shared
 // memory, scratch sizes, index width) and the same kernel instantiations, in the same order, on
 // buffers in the op's layouts. The op's argument checks, dtype conversions and allocations stay
-// with the caller. Loaded by tests/test_dwconv_cuda_emulated.py through ctypes.
+// with the caller. Loaded by tests/test_dwconv.py (its "emulated" cases) through ctypes.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
