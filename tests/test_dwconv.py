@@ -46,6 +46,7 @@ from dwconv_cases import (
     conv64,
     eager_gradients,
     float64_gradients,
+    off_the_kinks,
     poisoned_allocations,
     reference,
     sample_inputs,
@@ -421,6 +422,7 @@ def test_gradients_match_float64_autograd(backend, shape, training, channels_las
         mean, invstd = inputs[5], torch.rsqrt(inputs[6] + 1e-5)
     ho, wo = (h + 2 - 3) // stride + 1, (w + 2 - 3) // stride + 1
     grad_out = torch.randn((n, c, ho, wo), generator=rng).to(device)
+    grad_out = off_the_kinks(grad_out, inputs, stride=stride, training=training)
     grad_out = grad_out.contiguous(memory_format=memory_format(channels_last))
     with poisoned_allocations():
         grads = backward(backend, grad_out, inputs, mean, invstd, stride, training)
