@@ -65,18 +65,20 @@ OUT_FILES = ("summary.txt", "benchmarks.json", "tests.xml", "logs.tar.gz")
 ARCHIVE_SKIP_BYTES = 4 * 2**20  # checkpoints and the like stay out of the log archive
 
 # The test files whose tests need a GPU (CUDA kernels, Triton on CUDA tensors); CI runs the rest.
-GPU_TEST_FILES = ["tests/test_canny_cuda.py", "tests/test_dwconv_cuda.py", "tests/test_canny_triton.py",
-                  "tests/test_dwconv_triton.py", "tests/test_backends.py", "tests/test_package.py"]
+GPU_TEST_FILES = ["tests/test_canny.py", "tests/test_dwconv.py", "tests/test_package.py"]
+# Their cases on a GPU backend: the op families' tests are parametrized over cpu, cuda, triton
+# and emulated (the CUDA device code on the CPU); every GPU case has "cuda" or "triton" in its id.
+GPU_TEST_SELECTION = "(cuda or triton or test_package) and not cpu and not emulated"
 # The sanitizers' subset: both Canny paths and every stage kernel, and the dwconv kernels (inference,
 # training, backward) at a shape whose planes fit no tile and whose channels fill no group of 32.
-SANITIZER_FILES = ["tests/test_canny_cuda.py", "tests/test_dwconv_cuda.py"]
+SANITIZER_FILES = ["tests/test_canny.py", "tests/test_dwconv.py"]
 # Their CUDA C++ cases only: not the CPU kernel's nor the Triton kernels' (parameters cpu, triton).
 SANITIZER_SUBSET = {
-    "memcheck": "(test_small_cases_for_sanitizers or 3x37x9x11) and not cpu and not triton",
-    "racecheck": "(test_small_cases_for_sanitizers or 3x37x9x11) and not cpu and not triton and not float16 "
-                 "and not bfloat16",
-    "initcheck": "(test_small_cases_for_sanitizers or 3x37x9x11-s1) and not cpu and not triton and not float16 "
-                 "and not bfloat16",
+    "memcheck": "(test_small_cases_for_sanitizers or 3x37x9x11) and not cpu and not triton and not emulated",
+    "racecheck": "(test_small_cases_for_sanitizers or 3x37x9x11) and not cpu and not triton and not emulated "
+                 "and not float16 and not bfloat16",
+    "initcheck": "(test_small_cases_for_sanitizers or 3x37x9x11-s1) and not cpu and not triton and not emulated "
+                 "and not float16 and not bfloat16",
 }
 # What compute-sanitizer prints where it cannot run on this device (seen on gVisor machines).
 SANITIZER_REFUSED = re.compile(r"Device not supported|not supported on this (device|platform)|"
@@ -292,9 +294,10 @@ class GpuCheck:
         xdist = importlib.util.find_spec("xdist") is not None
         timeout = importlib.util.find_spec("pytest_timeout") is not None
         workers = max(1, min(8, os.cpu_count() or 1))
-        files = ["tests/test_canny_triton.py"] if fast else GPU_TEST_FILES
-        # their CPU cases (parameter cpu) run in CI: not here
-        args = list(files) + ["-q", "-rfE", "-k", "not cpu", f"--junitxml={self.out / 'tests.xml'}"]
+        files = ["tests/test_canny.py"] if fast else GPU_TEST_FILES
+        # their CPU cases (parameters cpu, emulated) run in CI: not here
+        selection = "triton and not cpu" if fast else GPU_TEST_SELECTION
+        args = list(files) + ["-q", "-rfE", "-k", selection, f"--junitxml={self.out / 'tests.xml'}"]
         args += ["-n", str(2 if dry else workers)] if xdist and not fast else []
         args += ["--timeout", "60"] if timeout else []
         args += ["-m", "needs_cuda"] if dry else []  # here: each one skips, through the same plumbing

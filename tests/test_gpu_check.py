@@ -185,7 +185,7 @@ def test_gpu_run_plan(tmp_path, monkeypatch):
     for path in gpu_check.GPU_TEST_FILES:
         assert path in command["tests"] and (REPO / path).is_file()
     assert " -n " in command["tests"] and "--timeout 60" in command["tests"] and "--junitxml=" in command["tests"]
-    assert "-k not cpu" in command["tests"]
+    assert f"-k {gpu_check.GPU_TEST_SELECTION}" in command["tests"]
     for tool in ("memcheck", "racecheck", "initcheck"):
         assert command[tool].startswith(f"/usr/local/cuda/bin/compute-sanitizer --tool {tool} --error-exitcode 99")
         assert ("kns=fercuda" in command[tool]) == (tool != "initcheck")
