@@ -1,6 +1,6 @@
 // The device code of csrc/cuda/canny_kernels.cuh compiled for the CPU (tests/cuda_emulation.h),
 // with C entry points that launch it as canny_cuda.cu does. Loaded by
-// tests/test_canny_cuda_emulated.py through ctypes.
+// tests/test_canny.py (the "emulated" backend) through ctypes.
 #include <cstdio>
 
 #include "cuda_emulation.h"

@@ -1,5 +1,5 @@
 // Device code of the Canny CUDA kernels (canny_cuda.cu holds the host side). Kept apart so
-// that tests/test_canny_cuda_emulated.py can compile it for the CPU with a small emulation
+// that tests/test_canny.py (its "emulated" cases) can compile it for the CPU with a small emulation
 // of the CUDA built-ins (tests/cuda_emulation.h) and compare it with cv2 on a machine
 // without a GPU.
 #pragma once

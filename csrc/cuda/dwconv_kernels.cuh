@@ -1,6 +1,6 @@
 // Device code of the fused depthwise 3x3 conv + BatchNorm + ReLU6 CUDA kernels, and the host-side
 // plan of every launch (grid, block, shared memory, scratch sizes, index width); dwconv_cuda.cu
-// holds the op glue. Kept apart so that tests/test_dwconv_cuda_emulated.py can compile it for the
+// holds the op glue. Kept apart so that tests/test_dwconv.py (its "emulated" cases) can compile it for the
 // CPU against an emulation of the CUDA built-ins (tests/cuda_emulation.h), launch it as the op
 // does, and compare it with float64 PyTorch on a machine without a GPU.
 //
