@@ -25,9 +25,6 @@ FER2013 photographs, alone, tiled and upscaled.
 import ctypes
 import math
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -39,8 +36,8 @@ from fercuda import _build_info, ops
 from canny_reference import (blur_batch, blurred, canny_batch, canny_from_gradients, canny_one, fer_picture,
                              hysteresis_reference, load_fer, noise, paper_batch, paper_pq, per_image, smooth_random,
                              sobel_batch, sobel_one)
+from cuda_emulation import build_emulation
 
-REPO = Path(__file__).resolve().parents[1]
 CANNY_OPS = ["gaussian_blur", "sobel", "paper_gradient", "nms", "hysteresis", "canny"]
 KSIZES = [0, 3, 5, 7]
 
@@ -96,14 +93,7 @@ def small(shapes, pixels=EMULATED_PIXELS):
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the CUDA emulation")
-    lib = tmp_path_factory.mktemp("emu") / "canny_emulated.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", f"-I{REPO / 'csrc' / 'include'}",
-           f"-I{REPO / 'csrc' / 'cuda'}", str(REPO / "tests" / "canny_cuda_emulated.cpp"), "-o", str(lib)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return ctypes.CDLL(str(lib))
+    return build_emulation(tmp_path_factory, "canny_cuda_emulated.cpp")
 
 
 def _p(a):

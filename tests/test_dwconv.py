@@ -19,8 +19,6 @@ GPU cases have "cuda" or "triton" in their node ids and never "cpu"; CPU cases n
 import copy
 import ctypes
 import math
-import shutil
-import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +32,7 @@ import fercuda  # noqa: F401  (loads the C++ ops)
 import fercuda.nn as fnn
 import fercuda.ops
 import fercuda.triton.dwconv  # noqa: F401  (registers the Triton ops)
+from cuda_emulation import build_emulation
 from dwconv_cases import (
     HALF_INPUT_FLOAT32_STATS_TOL,
     LOW_PRECISION,
@@ -1001,7 +1000,6 @@ def test_module_autocast_bfloat16(rng):
 # shapes are small and the reductions' block counts bounded (the SM count the plan sees is a
 # parameter, as on a smaller GPU).
 
-REPO = Path(__file__).resolve().parents[1]
 EMU_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 H200_SMS = 132
 EMU_EPS = 1e-5
@@ -1019,16 +1017,8 @@ EMU_SIGNATURES = {
 
 @pytest.fixture(scope="module")
 def emulation_library(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the CUDA emulation")
-    lib = tmp_path_factory.mktemp("emu") / "dwconv_emulated.so"
     torch_include = Path(torch.__file__).parent / "include"  # c10::Half, c10::BFloat16, as the GPU build uses
-    cmd = [cxx, "-std=c++20", "-O0", "-pthread", "-shared", "-fPIC", f"-I{REPO / 'csrc' / 'include'}",
-           f"-I{REPO / 'csrc' / 'cuda'}", f"-I{torch_include}", str(REPO / "tests" / "dwconv_cuda_emulated.cpp"),
-           "-o", str(lib)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    dll = ctypes.CDLL(str(lib))
+    dll = build_emulation(tmp_path_factory, "dwconv_cuda_emulated.cpp", opt="-O0", includes=[torch_include])
     for name, argtypes in EMU_SIGNATURES.items():
         getattr(dll, name).argtypes = argtypes
     dll.emu_last_error.restype = ctypes.c_char_p
