@@ -173,6 +173,15 @@ def float64_gradients(inputs, grad_out, *, stride=1, padding=1, eps=1e-5, traini
     grads = [t.grad for t in leaves]
     gz, gy = z.grad.abs(), normed.grad.abs()
     xhat = (normed.detach() - bnb64.detach()[None, :, None, None]) / bnw64.detach()[None, :, None, None]
+    if training:
+        # With batch statistics grad_z = bn_weight * invstd * (gy - mean(gy) - xhat * mean(gy * xhat)):
+        # itself a cancelling sum (exactly 0 for two values per channel but for eps), whose float32
+        # error scales with its terms, not its value.
+        signed_gy = normed.grad
+        _, invstd = batch_stats(z.detach(), eps)
+        scale = (bnw64.detach() * invstd).abs()[None, :, None, None]
+        gz = scale * (gy + signed_gy.mean((0, 2, 3), keepdim=True).abs()
+                      + xhat.abs() * (signed_gy * xhat).mean((0, 2, 3), keepdim=True).abs())
     term_sums = [
         None,
         torch.nn.grad.conv2d_weight(x64.detach().abs(), tuple(weight.shape), gz, stride, padding, 1, channels),
