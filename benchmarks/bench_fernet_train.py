@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fercuda.compare import emit
-from fercuda.data import augment, fer_input
+from fercuda.data import fer_input
 from fercuda.models import FERNet
+from fercuda.training import make_batch, train_step
 
 DEVICE = torch.device(os.environ.get("FERCUDA_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 BATCH = 64
@@ -79,17 +79,11 @@ def make_train_step(width, fused, config):
     images = torch.randint(0, 256, (BATCH, 1, 48, 48), dtype=torch.uint8, device=DEVICE, generator=gen)
     labels = torch.randint(0, 7, (BATCH,), device=DEVICE, generator=gen)
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=config.autocast == torch.float16)
+    every = torch.arange(BATCH, device=DEVICE)
 
-    def step():
-        x = fer_input(augment(images, gen))
-        if config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(DEVICE.type, dtype=config.autocast or torch.float32, enabled=config.autocast is not None):
-            loss = F.cross_entropy(run(x).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def step():  # the step fercuda train runs (fercuda.training), without label smoothing
+        x, y = make_batch(images, labels, every, gen, config.channels_last)
+        train_step(run, optimizer, scaler, x, y, config.autocast, 0.0)
         _sync()
 
     return step
