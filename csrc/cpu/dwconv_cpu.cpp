@@ -140,7 +140,8 @@ template <typename scalar_t, typename T, typename Fn>
 void for_each_conv_row_cl(const at::Tensor& x, const T* w9c, const T* shift, const Geometry& g, Fn fn) {
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   at::parallel_for(0, g.n * g.h_out, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(std::is_same_v<scalar_t, T> ? 0 : 3 * g.w * g.c), z(g.w_out * g.c);
+    WideRows<scalar_t, T> buf(g);
+    std::vector<T> z(g.w_out * g.c);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.h_out, oy = r % g.h_out;
       const T* rows[3];
@@ -158,7 +159,7 @@ void affine_relu6_cl(const at::Tensor& x, const T* w9c, const T* shift, const Ge
     // The output row is written once, straight from registers: no z row, no second pass.
     const scalar_t* xd = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, g.n * g.h_out, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> buf;
+      WideRows<T, T> buf(g);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / g.h_out, oy = r % g.h_out;
         const T* rows[3];
@@ -194,8 +195,16 @@ template <typename P>
 void merge_batch_stats(const P* pm, const P* pq, int64_t parts, int64_t part_count, const Geometry& g, double* mean,
                        double* var) {
   const int64_t count = g.n * g.h_out * g.w_out;
-  at::parallel_for(0, g.c, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) chan_merge(pm + c, pq + c, parts, g.c, part_count, count, mean[c], var[c]);
+  at::parallel_for(0, g.c, 64, [&](int64_t begin, int64_t end) {
+    chan_merge(pm, pq, parts, g.c, part_count, count, begin, end, mean, var);
+  });
+}
+
+// sum_over_batch with the channels in parallel (each channel's sum in the same order).
+void sum_over_batch_parallel(const double* part, const SlotLayout& l, int64_t n, int64_t channels, int first, int last,
+                             double* sums) {
+  at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
+    sum_over_batch(part, l, n, begin, end, first, last, sums);
   });
 }
 
@@ -269,7 +278,7 @@ void backward_nchw(const at::Tensor& x, const at::Tensor& grad_out, const Channe
         part[q * kSlots + 1] = s_gx;
       }
     });
-    sum_over_batch(part.data(), layout, g.n, g.c, 0, 2, sd);
+    sum_over_batch_parallel(part.data(), layout, g.n, g.c, 0, 2, sd);
   }
   const std::vector<dwconv::BNBackward<T>> coeffs = backward_coeffs(bw, is, sd, count, training, g.c);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
@@ -309,7 +318,7 @@ void backward_nchw(const at::Tensor& x, const at::Tensor& grad_out, const Channe
       gather_plane(gxp.data(), interior.data(), plane_in, gxd + q * plane_in);
     }
   });
-  sum_over_batch(part.data(), layout, g.n, g.c, training ? 2 : 0, kSlots, sd);
+  sum_over_batch_parallel(part.data(), layout, g.n, g.c, training ? 2 : 0, kSlots, sd);
 }
 
 // channels_last, native (no NCHW copies): one task per image, vectorized along C, so the
@@ -331,10 +340,10 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
   const SlotLayout layout{kSlots * C, 1, C};
   // Per-thread rows: x rows widened (when scalar_t is not T), conv row, gradient row widened.
   struct Rows {
-    std::vector<T> xbuf, z, gbuf, s0, s1, s2, gw;
+    WideRows<scalar_t, T> xbuf;
+    std::vector<T> z, gbuf, s0, s1, s2, gw;
     Rows(const Geometry& g, bool widen)
-        : xbuf(widen ? 3 * g.w * g.c : 0), z(g.w_out * g.c), gbuf(widen ? g.w_out * g.c : 0), s0(g.c), s1(g.c),
-          s2(g.c), gw(kTaps * g.c) {}
+        : xbuf(g), z(g.w_out * g.c), gbuf(widen ? g.w_out * g.c : 0), s0(g.c), s1(g.c), s2(g.c), gw(kTaps * g.c) {}
   };
   constexpr bool kWiden = !std::is_same_v<scalar_t, T>;
   if (training) {
@@ -356,10 +365,10 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
         }
       }
     });
-    sum_over_batch(part.data(), layout, g.n, C, 0, 2, sd);
+    sum_over_batch_parallel(part.data(), layout, g.n, C, 0, 2, sd);
   }
   // The coefficients as (C,) vectors, for the loops along C.
-  std::vector<T> k_ga(C), k_xhat(C), k_one(C), zeros(C, T(0));
+  std::vector<T> k_ga(C), k_xhat(C), k_one(C);
   {
     const std::vector<dwconv::BNBackward<T>> coeffs = backward_coeffs(bw, is, sd, count, training, C);
     for (int64_t c = 0; c < C; ++c) {
@@ -395,16 +404,15 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
       for (int64_t iy = 0; iy < g.h; ++iy) {
         scalar_t* dst = gxd + (n * g.h + iy) * row_in;
         if constexpr (kWiden) {
-          grad_input_row_cl(gz.data(), g.h_out, g.w_out, iy, g.w, C, g.padding, g.stride, w9c, zeros.data(),
-                            gx_row.data());
+          grad_input_row_cl(gz.data(), g.h_out, g.w_out, iy, g.w, C, g.padding, g.stride, w9c, gx_row.data());
           convert_run(gx_row.data(), row_in, dst);
         } else {
-          grad_input_row_cl(gz.data(), g.h_out, g.w_out, iy, g.w, C, g.padding, g.stride, w9c, zeros.data(), dst);
+          grad_input_row_cl(gz.data(), g.h_out, g.w_out, iy, g.w, C, g.padding, g.stride, w9c, dst);
         }
       }
     }
   });
-  sum_over_batch(part.data(), layout, g.n, C, training ? 2 : 0, kSlots, sd);
+  sum_over_batch_parallel(part.data(), layout, g.n, C, training ? 2 : 0, kSlots, sd);
 }
 
 // ---- Ops -----------------------------------------------------------------------------

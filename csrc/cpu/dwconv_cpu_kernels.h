@@ -32,23 +32,28 @@ struct Geometry {
   int64_t wp() const { return w + 2 * padding; }
 };
 
-// Chan's combination of equal-sized parts (per task: an (n, c) plane or an (n, oy) row) into
-// the batch mean and biased variance of one channel. Part r holds part_count values, with mean
-// part_mean[r * stride] and sum of squared deviations part_m2[r * stride]; count is the
-// channel's total (parts * part_count). Summed in part order, in double precision.
+// Chan's combination of equal-sized parts (per task: an (n, c) plane, an (n, oy) row or an
+// image) into the batch mean and biased variance of channels [c_begin, c_end). Part r of
+// channel c holds part_count values, with mean part_mean[r * stride + c] and sum of squared
+// deviations part_m2[r * stride + c]; count is a channel's total (parts * part_count). Each
+// channel's sums run in part order, in double precision; the parts are the outer loop so the
+// reads run along memory.
 template <typename P>
 void chan_merge(const P* part_mean, const P* part_m2, int64_t parts, int64_t stride, int64_t part_count,
-                int64_t count, double& mean, double& var) {
-  double s = 0;
-  for (int64_t r = 0; r < parts; ++r) s += part_mean[r * stride];
-  const double mu = s / parts;
-  double m2 = 0;
-  for (int64_t r = 0; r < parts; ++r) {
-    const double d = part_mean[r * stride] - mu;
-    m2 += part_m2[r * stride] + d * d * part_count;
+                int64_t count, int64_t c_begin, int64_t c_end, double* mean, double* var) {
+  for (int64_t c = c_begin; c < c_end; ++c) mean[c] = 0;
+  for (int64_t r = 0; r < parts; ++r)
+    for (int64_t c = c_begin; c < c_end; ++c) mean[c] += part_mean[r * stride + c];
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    mean[c] /= parts;
+    var[c] = 0;
   }
-  mean = mu;
-  var = m2 / count;
+  for (int64_t r = 0; r < parts; ++r)
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const double d = part_mean[r * stride + c] - mean[c];
+      var[c] += part_m2[r * stride + c] + d * d * part_count;
+    }
+  for (int64_t c = c_begin; c < c_end; ++c) var[c] /= count;
 }
 
 // Slots of the backward's per-channel sums: sum ga, sum ga * xhat, sum gz, then the 9 taps
@@ -61,16 +66,16 @@ struct SlotLayout {
   int64_t n_stride, c_stride, s_stride;
 };
 
-// sums[c * kSlots + s] = the partials of slots [first, last) added over the n images in order:
-// the result does not depend on how the tasks were spread over threads.
-inline void sum_over_batch(const double* part, const SlotLayout& l, int64_t n, int64_t channels, int first, int last,
-                           double* sums) {
-  for (int64_t c = 0; c < channels; ++c)
-    for (int s = first; s < last; ++s) {
-      double acc = 0;
-      for (int64_t i = 0; i < n; ++i) acc += part[i * l.n_stride + c * l.c_stride + s * l.s_stride];
-      sums[c * kSlots + s] = acc;
-    }
+// sums[c * kSlots + s] = the partials of slots [first, last) added over the n images in order,
+// for channels [c_begin, c_end): the result does not depend on how the tasks were spread over
+// threads. The images are the outer loop so the reads run along memory.
+inline void sum_over_batch(const double* part, const SlotLayout& l, int64_t n, int64_t c_begin, int64_t c_end,
+                           int first, int last, double* sums) {
+  for (int64_t c = c_begin; c < c_end; ++c)
+    for (int s = first; s < last; ++s) sums[c * kSlots + s] = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int s = first; s < last; ++s)
+      for (int64_t c = c_begin; c < c_end; ++c) sums[c * kSlots + s] += part[i * l.n_stride + c * l.c_stride + s * l.s_stride];
 }
 
 // The per-channel coefficients of gz (dwconv::BNBackward); training reads sum ga and
@@ -318,91 +323,153 @@ void conv_plane(const scalar_t* x_plane, const Geometry& g, const T* w, T shift,
 // (a null row is zero padding) give one output row (shift[c] + 3x3 window, then ReLU6 when
 // kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
 
-constexpr int kClVecs = 4;
-template <typename T>
-constexpr int64_t kClBlockOf = kClVecs * kVecLen<T>;
-
-// out[c] = shift[c] + sum over the n_taps pairs of xs[t][c] * ws[t][c] (then ReLU6 when
-// kRelu6), for all channels: blocks of kClVecs vectors stay in registers across the taps, so
-// each output is stored once and never re-read; the taps are summed in the order given.
-template <typename T, bool kRelu6>
-__attribute__((always_inline)) inline void taps_dot_cl(const T* const* xs, const T* const* ws, int n_taps,
-                                                       const T* __restrict shift, int64_t channels,
-                                                       T* __restrict out) {
-  constexpr int64_t kClBlock = kClBlockOf<T>;
-  int64_t c0 = 0;
-  for (; c0 + kClBlock <= channels; c0 += kClBlock) {
-    Vec<T> acc[kClVecs];
-    for (int v = 0; v < kClVecs; ++v) acc[v] = load_vec(shift + c0 + v * kVecLen<T>);
-    for (int t = 0; t < n_taps; ++t)
-      for (int v = 0; v < kClVecs; ++v)
-        acc[v] += load_vec(xs[t] + c0 + v * kVecLen<T>) * load_vec(ws[t] + c0 + v * kVecLen<T>);
-    for (int v = 0; v < kClVecs; ++v) {
-      Vec<T> a = acc[v];
-      if constexpr (kRelu6) {
-        // relu6 lane by lane, as dwconv::relu6 (NaN propagates).
-        const Vec<T> zero = Vec<T>{}, six = zero + T(6);
-        a = a < zero ? zero : (a > six ? six : a);
-      }
-      store_vec(out + c0 + v * kVecLen<T>, a);
-    }
-  }
-  for (; c0 < channels; ++c0) {
-    T acc = shift[c0];
-    for (int t = 0; t < n_taps; ++t) acc += xs[t][c0] * ws[t][c0];
-    out[c0] = kRelu6 ? dwconv::relu6(acc) : acc;
-  }
-}
-
+// One vector of channels at a time: its nine tap weights and shift stay in registers while
+// the loop runs along the row, so each tap costs one load and one multiply-add (the weights
+// are not re-read per pixel). Taps are summed in the order (ky, then kx), after the shift.
 template <typename T, bool kRelu6>
 FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
                                     int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
                                     T* __restrict out) {
-  for (int64_t ox = 0; ox < w_out; ++ox) {
-    const T* xs[kTaps];
-    const T* ws[kTaps];
-    int n_taps = 0;
-    for (int ky = 0; ky < 3; ++ky) {
-      if (rows[ky] == nullptr) continue;
-      for (int kx = 0; kx < 3; ++kx) {
-        const int64_t ix = ox * stride - padding + kx;
-        if (ix < 0 || ix >= width) continue;
-        xs[n_taps] = rows[ky] + ix * channels;
-        ws[n_taps] = w9c + (ky * 3 + kx) * channels;
-        ++n_taps;
+  constexpr int64_t kV = kVecLen<T>;
+  const T* const r0 = rows[0];
+  const T* const r1 = rows[1];
+  const T* const r2 = rows[2];
+  // Output columns whose three input columns all lie inside the row.
+  const int64_t ox_lo = std::min<int64_t>(w_out, (padding + stride - 1) / stride);
+  const int64_t ox_hi = std::max<int64_t>(ox_lo, std::min<int64_t>(w_out, (width - 3 + padding) / stride + 1));
+  const Vec<T> zero = Vec<T>{}, six = zero + T(6);
+  int64_t c0 = 0;
+  for (; c0 + kV <= channels; c0 += kV) {
+    Vec<T> wv[kTaps];
+    for (int t = 0; t < kTaps; ++t) wv[t] = load_vec(w9c + t * channels + c0);
+    const Vec<T> sh = load_vec(shift + c0);
+    auto finish = [&](int64_t ox, Vec<T> a) {
+      if constexpr (kRelu6) a = a < zero ? zero : (a > six ? six : a);  // as dwconv::relu6 (NaN propagates)
+      store_vec(out + ox * channels + c0, a);
+    };
+    auto edge = [&](int64_t ox) {
+      Vec<T> a = sh;
+      const int64_t ix0 = ox * stride - padding;
+      for (int ky = 0; ky < 3; ++ky) {
+        if (rows[ky] == nullptr) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t ix = ix0 + kx;
+          if (ix >= 0 && ix < width) a += load_vec(rows[ky] + ix * channels + c0) * wv[ky * 3 + kx];
+        }
       }
+      finish(ox, a);
+    };
+    for (int64_t ox = 0; ox < ox_lo; ++ox) edge(ox);
+    if (r0 != nullptr && r1 != nullptr && r2 != nullptr) {
+      for (int64_t ox = ox_lo; ox < ox_hi; ++ox) {
+        const int64_t o = (ox * stride - padding) * channels + c0;
+        Vec<T> a = sh;
+        a += load_vec(r0 + o) * wv[0];
+        a += load_vec(r0 + o + channels) * wv[1];
+        a += load_vec(r0 + o + 2 * channels) * wv[2];
+        a += load_vec(r1 + o) * wv[3];
+        a += load_vec(r1 + o + channels) * wv[4];
+        a += load_vec(r1 + o + 2 * channels) * wv[5];
+        a += load_vec(r2 + o) * wv[6];
+        a += load_vec(r2 + o + channels) * wv[7];
+        a += load_vec(r2 + o + 2 * channels) * wv[8];
+        finish(ox, a);
+      }
+    } else {
+      for (int64_t ox = ox_lo; ox < ox_hi; ++ox) edge(ox);
     }
-    taps_dot_cl<T, kRelu6>(xs, ws, n_taps, shift, channels, out + ox * channels);
+    for (int64_t ox = ox_hi; ox < w_out; ++ox) edge(ox);
+  }
+  for (; c0 < channels; ++c0) {
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      T a = shift[c0];
+      const int64_t ix0 = ox * stride - padding;
+      for (int ky = 0; ky < 3; ++ky) {
+        if (rows[ky] == nullptr) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t ix = ix0 + kx;
+          if (ix >= 0 && ix < width) a += rows[ky][ix * channels + c0] * w9c[(ky * 3 + kx) * channels + c0];
+        }
+      }
+      out[ox * channels + c0] = kRelu6 ? dwconv::relu6(a) : a;
+    }
   }
 }
 
 // channels_last backward, one input row iy of grad_x: the transposed conv written as a gather,
 // gx[ix][c] = sum over the taps (ky, kx) that put input (iy, ix) under an output (oy, ox) of
-// gz[oy][ox][c] * w[ky][kx][c]; gz is the image's (H_out, W_out, C) gradient, zeros a (C,)
-// vector of zeros.
+// gz[oy][ox][c] * w[ky][kx][c], the taps in order (ky, then kx); gz is the image's
+// (H_out, W_out, C) gradient. As in conv_row_cl_fused, one vector of channels at a time with
+// its nine weights in registers along the row.
 template <typename T>
 FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64_t w_out, int64_t iy, int64_t width,
                                     int64_t channels, int64_t padding, int64_t stride, const T* __restrict w9c,
-                                    const T* __restrict zeros, T* __restrict out) {
-  // stride is 1 or 2: shifts and masks, not divisions, in this per-pixel loop.
+                                    T* __restrict out) {
+  // stride is 1 or 2: shifts and masks, not divisions, in the per-pixel loops.
   const int64_t shift = stride == 2 ? 1 : 0, odd = stride - 1;
-  for (int64_t ix = 0; ix < width; ++ix) {
-    const T* gs[kTaps];
-    const T* ws[kTaps];
-    int n_taps = 0;
-    for (int ky = 0; ky < 3; ++ky) {
-      const int64_t ny = iy + padding - ky;
-      if (ny < 0 || (ny & odd) != 0 || (ny >> shift) >= h_out) continue;
-      const int64_t oy = ny >> shift;
-      for (int kx = 0; kx < 3; ++kx) {
-        const int64_t nx = ix + padding - kx;
-        if (nx < 0 || (nx & odd) != 0 || (nx >> shift) >= w_out) continue;
-        gs[n_taps] = gz + (oy * w_out + (nx >> shift)) * channels;
-        ws[n_taps] = w9c + (ky * 3 + kx) * channels;
-        ++n_taps;
+  const T* grow[3];  // the gz row that tap row ky reaches from iy, or null
+  for (int ky = 0; ky < 3; ++ky) {
+    const int64_t ny = iy + padding - ky;
+    grow[ky] = (ny < 0 || (ny & odd) != 0 || (ny >> shift) >= h_out) ? nullptr : gz + (ny >> shift) * w_out * channels;
+  }
+  // Stride 1: the input columns that all three tap columns map to an output column.
+  const int64_t ix_lo = stride == 1 ? std::clamp<int64_t>(2 - padding, 0, width) : width;
+  const int64_t ix_hi = stride == 1 ? std::max(ix_lo, std::min(width, w_out - padding)) : width;
+  const bool full = grow[0] != nullptr && grow[1] != nullptr && grow[2] != nullptr;
+  constexpr int64_t kV = kVecLen<T>;
+  int64_t c0 = 0;
+  for (; c0 + kV <= channels; c0 += kV) {
+    Vec<T> wv[kTaps];
+    for (int t = 0; t < kTaps; ++t) wv[t] = load_vec(w9c + t * channels + c0);
+    auto edge = [&](int64_t ix) {
+      Vec<T> a = Vec<T>{};
+      for (int ky = 0; ky < 3; ++ky) {
+        if (grow[ky] == nullptr) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t nx = ix + padding - kx;
+          if (nx < 0 || (nx & odd) != 0 || (nx >> shift) >= w_out) continue;
+          a += load_vec(grow[ky] + (nx >> shift) * channels + c0) * wv[ky * 3 + kx];
+        }
       }
+      store_vec(out + ix * channels + c0, a);
+    };
+    for (int64_t ix = 0; ix < ix_lo; ++ix) edge(ix);
+    if (full) {
+      const T* const g0 = grow[0];
+      const T* const g1 = grow[1];
+      const T* const g2 = grow[2];
+      for (int64_t ix = ix_lo; ix < ix_hi; ++ix) {
+        const int64_t o = (ix + padding - 2) * channels + c0;  // tap column kx reads o + (2 - kx) * C
+        Vec<T> a = Vec<T>{};
+        a += load_vec(g0 + o + 2 * channels) * wv[0];
+        a += load_vec(g0 + o + channels) * wv[1];
+        a += load_vec(g0 + o) * wv[2];
+        a += load_vec(g1 + o + 2 * channels) * wv[3];
+        a += load_vec(g1 + o + channels) * wv[4];
+        a += load_vec(g1 + o) * wv[5];
+        a += load_vec(g2 + o + 2 * channels) * wv[6];
+        a += load_vec(g2 + o + channels) * wv[7];
+        a += load_vec(g2 + o) * wv[8];
+        store_vec(out + ix * channels + c0, a);
+      }
+    } else {
+      for (int64_t ix = ix_lo; ix < ix_hi; ++ix) edge(ix);
     }
-    taps_dot_cl<T, false>(gs, ws, n_taps, zeros, channels, out + ix * channels);
+    for (int64_t ix = ix_hi; ix < width; ++ix) edge(ix);
+  }
+  for (; c0 < channels; ++c0) {
+    for (int64_t ix = 0; ix < width; ++ix) {
+      T a = 0;
+      for (int ky = 0; ky < 3; ++ky) {
+        if (grow[ky] == nullptr) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t nx = ix + padding - kx;
+          if (nx < 0 || (nx & odd) != 0 || (nx >> shift) >= w_out) continue;
+          a += grow[ky][(nx >> shift) * channels + c0] * w9c[(ky * 3 + kx) * channels + c0];
+        }
+      }
+      out[ix * channels + c0] = a;
+    }
   }
 }
 
@@ -519,22 +586,47 @@ FERCUDA_SIMD void row_mean_m2_cl(const T* __restrict z, int64_t w_out, int64_t c
     }
 }
 
-// The three input rows under output row oy, as T (null = padding row).
+// Widened (T) copies of the input rows last met, slot iy % 3, each tagged with its source row:
+// consecutive output rows share two of their three input rows, so a task that walks the rows
+// in order widens each input row once, not three times. Empty when scalar_t is T.
 template <typename scalar_t, typename T>
-void rows_under(const scalar_t* img, const Geometry& g, int64_t oy, std::vector<T>& buf, const T* rows[3]) {
+struct WideRows {
+  std::vector<T> buf;
+  const scalar_t* tag[3] = {nullptr, nullptr, nullptr};
+  explicit WideRows(const Geometry& g) : buf(std::is_same_v<scalar_t, T> ? 0 : 3 * g.w * g.c) {}
+};
+
+// The three input rows under output row oy of one image (img: (H, W, C)), as T (null = padding row).
+template <typename scalar_t, typename T>
+void rows_under(const scalar_t* img, const Geometry& g, int64_t oy, WideRows<scalar_t, T>& wide, const T* rows[3]) {
   const int64_t row_len = g.w * g.c;
   for (int ky = 0; ky < 3; ++ky) {
     const int64_t iy = oy * g.stride - g.padding + ky;
-    rows[ky] = (iy < 0 || iy >= g.h) ? nullptr : load_as(img + iy * row_len, row_len, buf.data() + ky * row_len);
+    if (iy < 0 || iy >= g.h) {
+      rows[ky] = nullptr;
+      continue;
+    }
+    const scalar_t* src = img + iy * row_len;
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      rows[ky] = src;
+    } else {
+      const int64_t slot = iy % 3;
+      T* dst = wide.buf.data() + slot * row_len;
+      if (wide.tag[slot] != src) {
+        convert_run(src, row_len, dst);
+        wide.tag[slot] = src;
+      }
+      rows[ky] = dst;
+    }
   }
 }
 
-// z[ox][c] = shift[c] + the 3x3 window of output row oy of one image (img: (H, W, C)); rows
-// receives the input rows under it (as from rows_under), buf their widened copies.
+// z[ox][c] = shift[c] + the 3x3 window of output row oy of one image; rows receives the input
+// rows under it (as from rows_under).
 template <typename scalar_t, typename T>
 void conv_row_cl(const scalar_t* img, const Geometry& g, int64_t oy, const T* w9c, const T* shift,
-                 std::vector<T>& buf, const T* rows[3], T* z) {
-  rows_under(img, g, oy, buf, rows);
+                 WideRows<scalar_t, T>& wide, const T* rows[3], T* z) {
+  rows_under(img, g, oy, wide, rows);
   conv_row_cl_fused<T, false>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z);
 }
 
