@@ -338,31 +338,31 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
   const T* bb = p.bn_b.template const_data_ptr<T>();
   std::vector<double> part(g.n * kSlots * C);  // image n's slot s of channel c at (n * kSlots + s) * C + c
   const SlotLayout layout{kSlots * C, 1, C};
-  // Per-thread rows: x rows widened (when scalar_t is not T), conv row, gradient row widened.
+  // Per-thread rows: x rows widened (when scalar_t is not T), conv row, gradient row widened,
+  // and the image's sums in T (slot s of channel c at s * C + c, as in part), summed row by
+  // row and added to part once per image.
   struct Rows {
     WideRows<scalar_t, T> xbuf;
-    std::vector<T> z, gbuf, s0, s1, s2, gw;
+    std::vector<T> z, gbuf, sums;
     Rows(const Geometry& g, bool widen)
-        : xbuf(g), z(g.w_out * g.c), gbuf(widen ? g.w_out * g.c : 0), s0(g.c), s1(g.c), s2(g.c), gw(kTaps * g.c) {}
+        : xbuf(g), z(g.w_out * g.c), gbuf(widen ? g.w_out * g.c : 0), sums(kSlots * g.c) {}
   };
   constexpr bool kWiden = !std::is_same_v<scalar_t, T>;
   if (training) {
     at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
       Rows r(g, kWiden);
+      T* const s_ga = r.sums.data();
+      T* const s_gx = s_ga + C;
       for (int64_t n = begin; n < end; ++n) {
-        double* acc = part.data() + n * kSlots * C;
-        std::fill(acc, acc + 2 * C, 0.0);
+        std::fill(s_ga, s_ga + 2 * C, T(0));
         for (int64_t oy = 0; oy < g.h_out; ++oy) {
           const T* rows[3];
           conv_row_cl(xd + n * g.h * row_in, g, oy, w9c, b, r.xbuf, rows, r.z.data());
           const T* gr = load_as(gd + (n * g.h_out + oy) * row_out, row_out, r.gbuf.data());
           bn_relu6_grad_row_cl<T, false>(r.z.data(), gr, g.w_out, C, mu, is, bw, bb, nullptr, nullptr, nullptr,
-                                         nullptr, r.s0.data(), r.s1.data(), nullptr);
-          for (int64_t c = 0; c < C; ++c) {
-            acc[c] += r.s0[c];
-            acc[C + c] += r.s1[c];
-          }
+                                         nullptr, s_ga, s_gx, nullptr);
         }
+        std::copy(s_ga, s_ga + 2 * C, part.data() + n * kSlots * C);
       }
     });
     sum_over_batch_parallel(part.data(), layout, g.n, C, 0, 2, sd);
@@ -377,12 +377,17 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
       k_one[c] = coeffs[c].k_one;
     }
   }
+  // Training has its sums of ga and ga * xhat from pass 1: pass 2 adds the rest.
+  const int first = training ? 2 : 0;
   at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
     Rows r(g, kWiden);
     std::vector<T> gz(g.h_out * row_out), gx_row(kWiden ? row_in : 0);
+    T* const s_ga = r.sums.data();
+    T* const s_gx = s_ga + C;
+    T* const s_gz = s_ga + 2 * C;
+    T* const s_gw = s_ga + 3 * C;
     for (int64_t n = begin; n < end; ++n) {
-      double* acc = part.data() + n * kSlots * C;
-      std::fill(acc + (training ? 2 : 0) * C, acc + kSlots * C, 0.0);
+      std::fill(r.sums.begin(), r.sums.end(), T(0));
       const scalar_t* img = xd + n * g.h * row_in;
       for (int64_t oy = 0; oy < g.h_out; ++oy) {
         const T* rows[3];
@@ -390,17 +395,10 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
         const T* gr = load_as(gd + (n * g.h_out + oy) * row_out, row_out, r.gbuf.data());
         T* gzr = gz.data() + oy * row_out;
         bn_relu6_grad_row_cl<T, true>(r.z.data(), gr, g.w_out, C, mu, is, bw, bb, k_ga.data(), k_xhat.data(),
-                                      k_one.data(), gzr, r.s0.data(), r.s1.data(), r.s2.data());
-        grad_weight_row_cl(rows, g.w, C, g.padding, g.stride, gzr, g.w_out, r.gw.data());
-        for (int64_t c = 0; c < C; ++c) {
-          if (!training) {
-            acc[c] += r.s0[c];
-            acc[C + c] += r.s1[c];
-          }
-          acc[2 * C + c] += r.s2[c];
-        }
-        for (int64_t i = 0; i < kTaps * C; ++i) acc[3 * C + i] += r.gw[i];
+                                      k_one.data(), gzr, s_ga, s_gx, s_gz);
+        grad_weight_row_cl(rows, g.w, C, g.padding, g.stride, gzr, g.w_out, s_gw);
       }
+      std::copy(r.sums.begin() + first * C, r.sums.end(), part.data() + (n * kSlots + first) * C);
       for (int64_t iy = 0; iy < g.h; ++iy) {
         scalar_t* dst = gxd + (n * g.h + iy) * row_in;
         if constexpr (kWiden) {

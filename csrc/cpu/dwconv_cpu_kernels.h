@@ -475,7 +475,7 @@ FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64
 
 // channels_last backward, one output row: from the conv row z[ox][c] and the gradient row
 // g[ox][c], per channel the ReLU6 mask, xhat, the row's sums of ga and ga * xhat and, when
-// kGz, gz[ox][c] and its row sum. k holds the (C,) vectors k_ga, k_xhat, k_one of
+// kGz, gz[ox][c] and its row sum; the sums are added to sum_ga, sum_gx, sum_gz. k holds the (C,) vectors k_ga, k_xhat, k_one of
 // dwconv::BNBackward.
 template <typename T, bool kGz>
 FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restrict g, int64_t w_out, int64_t channels,
@@ -505,9 +505,9 @@ FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restric
         s_gz += d;
       }
     }
-    store_vec(sum_ga + c0, s_ga);
-    store_vec(sum_gx + c0, s_gx);
-    if constexpr (kGz) store_vec(sum_gz + c0, s_gz);
+    store_vec(sum_ga + c0, load_vec(sum_ga + c0) + s_ga);
+    store_vec(sum_gx + c0, load_vec(sum_gx + c0) + s_gx);
+    if constexpr (kGz) store_vec(sum_gz + c0, load_vec(sum_gz + c0) + s_gz);
   }
   for (; c0 < channels; ++c0) {
     T s_ga = 0, s_gx = 0, s_gz = 0;
@@ -523,13 +523,13 @@ FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restric
         s_gz += d;
       }
     }
-    sum_ga[c0] = s_ga;
-    sum_gx[c0] = s_gx;
-    if constexpr (kGz) sum_gz[c0] = s_gz;
+    sum_ga[c0] += s_ga;
+    sum_gx[c0] += s_gx;
+    if constexpr (kGz) sum_gz[c0] += s_gz;
   }
 }
 
-// channels_last backward, one output row: gw[tap][c] = sum over the row of gz[ox][c] times
+// channels_last backward, one output row: gw[tap][c] += sum over the row of gz[ox][c] times
 // the input under that tap (rows as in conv_row_cl_fused). Channels go one vector at a time,
 // its nine tap sums held in registers across the whole row.
 template <typename T>
@@ -538,7 +538,8 @@ FERCUDA_SIMD void grad_weight_row_cl(const T* const rows[3], int64_t width, int6
   constexpr int64_t kV = kVecLen<T>;
   int64_t c0 = 0;
   for (; c0 + kV <= channels; c0 += kV) {
-    Vec<T> acc[kTaps] = {};
+    Vec<T> acc[kTaps];
+    for (int t = 0; t < kTaps; ++t) acc[t] = load_vec(gw + t * channels + c0);
     for (int64_t ox = 0; ox < w_out; ++ox) {
       const Vec<T> gv = load_vec(gz + ox * channels + c0);
       const int64_t ix0 = ox * stride - padding;
@@ -554,7 +555,8 @@ FERCUDA_SIMD void grad_weight_row_cl(const T* const rows[3], int64_t width, int6
     for (int t = 0; t < kTaps; ++t) store_vec(gw + t * channels + c0, acc[t]);
   }
   for (; c0 < channels; ++c0) {
-    T acc[kTaps] = {};
+    T acc[kTaps];
+    for (int t = 0; t < kTaps; ++t) acc[t] = gw[t * channels + c0];
     for (int64_t ox = 0; ox < w_out; ++ox) {
       const T gv = gz[ox * channels + c0];
       for (int ky = 0; ky < 3; ++ky) {
