@@ -11,6 +11,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include <c10/util/BFloat16.h>
+
 #include "fercuda/dwconv_math.h"
 #include "fercuda/hd.h"
 
@@ -19,32 +21,6 @@ namespace dwconv_cpu {
 // Internal linkage, like the op glue: private to dwconv_cpu.cpp, the file that includes it
 // (fercuda._C exports none of these symbols).
 namespace {
-
-// ---- Conversions ------------------------------------------------------------------------
-
-// dst[i] = src[i] converted (bfloat16 / float16 widened, or narrowed with rounding to nearest).
-template <typename From, typename To>
-FERCUDA_SIMD void convert_run(const From* __restrict src, int64_t n, To* __restrict dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(src[i]);
-}
-
-// dst[i] = relu6(src[i]), narrowed to the output dtype.
-template <typename T, typename To>
-FERCUDA_SIMD void relu6_convert_run(const T* __restrict src, int64_t n, To* __restrict dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(dwconv::relu6(src[i]));
-}
-
-// A run of n values of the tensor's dtype as T: the same memory when the types agree,
-// else a widened copy in buf.
-template <typename scalar_t, typename T>
-const T* load_as(const scalar_t* p, int64_t n, T* buf) {
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    return p;
-  } else {
-    convert_run(p, n, buf);
-    return buf;
-  }
-}
 
 // ---- 32-byte vectors (one AVX2 register; two SSE registers in the default clone) ----------
 
@@ -78,6 +54,65 @@ __attribute__((always_inline)) inline void store_vec(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 #pragma GCC diagnostic pop
+
+// ---- Conversions ------------------------------------------------------------------------
+
+// float -> bfloat16 bits of 8 lanes, as c10::BFloat16(float) rounds: to nearest even, any NaN
+// to 0x7FC0. Written with vector integer operations (the compiler's version of the scalar
+// conversion takes several times as many instructions).
+typedef uint32_t VecU32 __attribute__((vector_size(32)));
+typedef uint16_t VecU16 __attribute__((vector_size(16)));
+__attribute__((always_inline)) inline VecU16 bfloat16_bits(Vec<float> v) {
+  VecU32 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const VecU32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const VecU32 nan = (VecU32)(v != v);  // all ones in NaN lanes
+  return __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), VecU16);
+}
+
+template <typename To>
+constexpr bool kNarrowsToBFloat16 = std::is_same_v<To, c10::BFloat16>;
+
+// dst[i] = src[i] converted (bfloat16 / float16 widened, or narrowed with rounding to nearest).
+template <typename From, typename To>
+FERCUDA_SIMD void convert_run(const From* __restrict src, int64_t n, To* __restrict dst) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<From, float> && kNarrowsToBFloat16<To>) {
+    for (; i + 8 <= n; i += 8) {
+      const VecU16 b = bfloat16_bits(load_vec(src + i));
+      std::memcpy(dst + i, &b, sizeof(b));
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<To>(src[i]);
+}
+
+// dst[i] = relu6(src[i]), narrowed to the output dtype.
+template <typename T, typename To>
+FERCUDA_SIMD void relu6_convert_run(const T* __restrict src, int64_t n, To* __restrict dst) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float> && kNarrowsToBFloat16<To>) {
+    const Vec<float> zero = Vec<float>{}, six = zero + 6.0f;
+    for (; i + 8 <= n; i += 8) {
+      Vec<float> a = load_vec(src + i);
+      a = a < zero ? zero : (a > six ? six : a);  // as dwconv::relu6 (NaN propagates)
+      const VecU16 b = bfloat16_bits(a);
+      std::memcpy(dst + i, &b, sizeof(b));
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<To>(dwconv::relu6(src[i]));
+}
+
+// A run of n values of the tensor's dtype as T: the same memory when the types agree,
+// else a widened copy in buf.
+template <typename scalar_t, typename T>
+const T* load_as(const scalar_t* p, int64_t n, T* buf) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return p;
+  } else {
+    convert_run(p, n, buf);
+    return buf;
+  }
+}
 
 // ---- Deterministic sums -------------------------------------------------------------------
 
