@@ -41,6 +41,26 @@ def test_timer_counts_its_calls_and_respects_the_budget():
     assert len(calls) == 2  # the warm-up call and one timed call: a spent budget still times once
 
 
+def test_interleaved_timer_takes_turns():
+    order = []
+    times = compare.interleaved_times_ms({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3,
+                                         warmup=1)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # the warm-ups, then one call each per round
+    assert set(times) == {"a", "b"} and all(len(t) == 3 and t == sorted(t) and min(t) >= 0 for t in times.values())
+
+
+def test_network_block_shapes_follow_the_model():
+    import fercuda.nn as fnn
+    from fercuda.models import FERNet
+
+    for width in (0.25, 1.0):
+        shapes = compare_dwconv.network_block_shapes(width, batch=2)
+        blocks = [m for m in FERNet(width_mult=width).modules() if isinstance(m, fnn.DWConvBNReLU6)]
+        assert sum(shapes.values()) == len(blocks)
+        assert sorted({s[1] for s in shapes}) == sorted({b.conv.in_channels for b in blocks})
+        assert all(n == 2 and h <= 48 and h == w and stride in (1, 2) for n, _, h, w, stride in shapes)
+
+
 def test_canny_inputs_and_reference(tmp_path):
     faces = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert compare_canny.cv2_canny(faces.numpy()).shape == (3, 48, 48)

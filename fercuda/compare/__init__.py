@@ -56,6 +56,22 @@ def times_ms(fn, repeat=5, *, warmup=1, budget_s=None, synchronize=False):
     return sorted(call() * 1e3 for _ in range(repeat))
 
 
+def interleaved_times_ms(contenders, rounds=5, *, warmup=1):
+    """{name: sorted wall times in ms} of each contender (a dict of name -> zero-argument fn),
+    called in turn once per round after `warmup` calls each: on a shared machine a slow spell
+    then falls on every contender alike instead of on whichever was being timed."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: sorted(t) for name, t in times.items()}
+
+
 def median_ms(fn, repeat=5, *, warmup=1, budget_s=None, device="cpu", rep_ms=100):
     """The median time of fn in milliseconds.
 

@@ -39,6 +39,29 @@ def block_inputs(shape, channels_last=False, dtype=torch.float32, device="cpu", 
     return x, weight, bias, bn_weight, bn_bias, running_mean, running_var
 
 
+def network_block_shapes(width_mult, batch=64, image_size=48):
+    """{(N, C, H, W, stride): how many blocks} of FERNet's depthwise blocks at width_mult, in
+    the network's order, found by running the model on one batch (so they follow the model)."""
+    import fercuda.nn as fnn
+    from fercuda.models import FERNet
+
+    model = FERNet(width_mult=width_mult, in_channels=3).eval()
+    shapes = {}
+
+    def hook(module, inputs, _output):
+        key = (*inputs[0].shape, module.conv.stride[0])
+        shapes[key] = shapes.get(key, 0) + 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, fnn.DWConvBNReLU6)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch, 3, image_size, image_size))  # FERNet's input: [canny, x, x]
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
 def eager_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1, training=False):
     """What a user writes: conv2d (depthwise 3x3, padding 1) + batch_norm + relu6."""
     z = F.conv2d(x, weight, bias, stride, 1, 1, x.shape[1])
