@@ -323,6 +323,21 @@ void conv_plane(const scalar_t* x_plane, const Geometry& g, const T* w, T shift,
 // (a null row is zero padding) give one output row (shift[c] + 3x3 window, then ReLU6 when
 // kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
 
+// acc += the taps (ky, kx) for ky in 0..2 with rows[ky] present and kx in [KxLo, KxHi), in
+// that order: x of tap (ky, kx) at rows[ky] + offset + kx * channels, its weight wv[ky * 3 + kx].
+// The tap columns are constants, so the weights stay in registers (the border columns of a row
+// take these instead of a loop that tests every tap).
+template <int KxLo, int KxHi, typename T>
+__attribute__((always_inline)) inline Vec<T> window_taps(Vec<T> acc, const T* const rows[3], int64_t offset,
+                                                         int64_t channels, const Vec<T>* wv) {
+  for (int ky = 0; ky < 3; ++ky) {
+    if (rows[ky] == nullptr) continue;
+    const T* p = rows[ky] + offset;
+    for (int kx = KxLo; kx < KxHi; ++kx) acc += load_vec(p + kx * channels) * wv[ky * 3 + kx];
+  }
+  return acc;
+}
+
 // One vector of channels at a time: its nine tap weights and shift stay in registers while
 // the loop runs along the row, so each tap costs one load and one multiply-add (the weights
 // are not re-read per pixel). Taps are summed in the order (ky, then kx), after the shift.
@@ -348,13 +363,22 @@ FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64
       store_vec(out + ox * channels + c0, a);
     };
     auto edge = [&](int64_t ox) {
-      Vec<T> a = sh;
+      // The tap columns inside the row: [kx_lo, kx_hi).
       const int64_t ix0 = ox * stride - padding;
-      for (int ky = 0; ky < 3; ++ky) {
-        if (rows[ky] == nullptr) continue;
-        for (int kx = 0; kx < 3; ++kx) {
-          const int64_t ix = ix0 + kx;
-          if (ix >= 0 && ix < width) a += load_vec(rows[ky] + ix * channels + c0) * wv[ky * 3 + kx];
+      const int64_t kx_lo = std::max<int64_t>(0, -ix0), kx_hi = std::min<int64_t>(3, width - ix0);
+      const int64_t offset = ix0 * channels + c0;
+      Vec<T> a = sh;
+      if (kx_lo == 0 && kx_hi == 3) {
+        a = window_taps<0, 3>(a, rows, offset, channels, wv);
+      } else if (kx_lo == 1 && kx_hi == 3) {
+        a = window_taps<1, 3>(a, rows, offset, channels, wv);
+      } else if (kx_lo == 0 && kx_hi == 2) {
+        a = window_taps<0, 2>(a, rows, offset, channels, wv);
+      } else {
+        for (int ky = 0; ky < 3; ++ky) {
+          if (rows[ky] == nullptr) continue;
+          for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
+            a += load_vec(rows[ky] + offset + kx * channels) * wv[ky * 3 + kx];
         }
       }
       finish(ox, a);
@@ -423,6 +447,23 @@ FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64
     for (int t = 0; t < kTaps; ++t) wv[t] = load_vec(w9c + t * channels + c0);
     auto edge = [&](int64_t ix) {
       Vec<T> a = Vec<T>{};
+      if (stride == 1) {
+        // Tap column kx reads output column ix + padding - kx: inside the row for kx in
+        // [kx_lo, kx_hi); window_taps with a negative column step.
+        const int64_t kx_lo = std::max<int64_t>(0, ix + padding - w_out + 1);
+        const int64_t kx_hi = std::min<int64_t>(3, ix + padding + 1);
+        const int64_t offset = (ix + padding) * channels + c0;
+        if (kx_lo == 0 && kx_hi == 3) {
+          store_vec(out + ix * channels + c0, window_taps<0, 3>(a, grow, offset, -channels, wv));
+          return;
+        } else if (kx_lo == 1 && kx_hi == 3) {
+          store_vec(out + ix * channels + c0, window_taps<1, 3>(a, grow, offset, -channels, wv));
+          return;
+        } else if (kx_lo == 0 && kx_hi == 2) {
+          store_vec(out + ix * channels + c0, window_taps<0, 2>(a, grow, offset, -channels, wv));
+          return;
+        }
+      }
       for (int ky = 0; ky < 3; ++ky) {
         if (grow[ky] == nullptr) continue;
         for (int kx = 0; kx < 3; ++kx) {
@@ -529,6 +570,18 @@ FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restric
   }
 }
 
+// acc[ky * 3 + kx] += gv * the x of tap (ky, kx), for the present rows and kx in [KxLo, KxHi)
+// (as window_taps: constant tap columns keep the nine sums in registers).
+template <int KxLo, int KxHi, typename T>
+__attribute__((always_inline)) inline void window_grad_weight(Vec<T>* acc, const T* const rows[3], int64_t offset,
+                                                              int64_t channels, Vec<T> gv) {
+  for (int ky = 0; ky < 3; ++ky) {
+    if (rows[ky] == nullptr) continue;
+    const T* p = rows[ky] + offset;
+    for (int kx = KxLo; kx < KxHi; ++kx) acc[ky * 3 + kx] += gv * load_vec(p + kx * channels);
+  }
+}
+
 // channels_last backward, one output row: gw[tap][c] += sum over the row of gz[ox][c] times
 // the input under that tap (rows as in conv_row_cl_fused). Channels go one vector at a time,
 // its nine tap sums held in registers across the whole row.
@@ -543,12 +596,19 @@ FERCUDA_SIMD void grad_weight_row_cl(const T* const rows[3], int64_t width, int6
     for (int64_t ox = 0; ox < w_out; ++ox) {
       const Vec<T> gv = load_vec(gz + ox * channels + c0);
       const int64_t ix0 = ox * stride - padding;
-      for (int ky = 0; ky < 3; ++ky) {
-        if (rows[ky] == nullptr) continue;
-        for (int kx = 0; kx < 3; ++kx) {
-          const int64_t ix = ix0 + kx;
-          if (ix < 0 || ix >= width) continue;
-          acc[ky * 3 + kx] += gv * load_vec(rows[ky] + ix * channels + c0);
+      const int64_t kx_lo = std::max<int64_t>(0, -ix0), kx_hi = std::min<int64_t>(3, width - ix0);
+      const int64_t offset = ix0 * channels + c0;
+      if (kx_lo == 0 && kx_hi == 3) {
+        window_grad_weight<0, 3>(acc, rows, offset, channels, gv);
+      } else if (kx_lo == 1 && kx_hi == 3) {
+        window_grad_weight<1, 3>(acc, rows, offset, channels, gv);
+      } else if (kx_lo == 0 && kx_hi == 2) {
+        window_grad_weight<0, 2>(acc, rows, offset, channels, gv);
+      } else {
+        for (int ky = 0; ky < 3; ++ky) {
+          if (rows[ky] == nullptr) continue;
+          for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
+            acc[ky * 3 + kx] += gv * load_vec(rows[ky] + offset + kx * channels);
         }
       }
     }
