@@ -10,19 +10,22 @@ layout (NCHW or channels_last), an autocast precision (none, bfloat16 on the CPU
 CUDA) and, optionally, torch.compile of the model; FERCUDA_BENCH_CONFIGS picks a subset
 (comma-separated names of CONFIGS). Images/s per row and, per width, the best fused
 configuration over the best plain one are printed as soon as they are measured and stored in
-extra_info; `fercuda train` picks its configuration with fercuda.runtime (see the README). The
+extra_info. The fused and plain models of a configuration are timed in turn, round after
+round, in the same test; `fercuda train` picks its configuration with fercuda.runtime (see the README). The
 date, versions and threads are in the environment record, kept once (benchmarks/conftest.py).
 """
 
 import os
+import statistics
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from fercuda.compare import emit
+from fercuda.compare import emit, interleaved_times_ms
 from fercuda.data import fer_input
 from fercuda.models import FERNet
+from fercuda.runtime import keep_freed_memory
 from fercuda.training import make_batch, train_step
 
 DEVICE = torch.device(os.environ.get("FERCUDA_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
@@ -55,6 +58,10 @@ if _wanted is not None and not CONFIGS:
     raise ValueError(f"FERCUDA_BENCH_CONFIGS={_wanted!r} names none of {[c.name for c in ALL_CONFIGS]}")
 
 RESULTS = {}  # (kind, width, fused, config name) -> images/s
+
+# As `fercuda train` does on a CPU (the same for both models): freed activations stay in the heap.
+if DEVICE.type == "cpu":
+    keep_freed_memory()
 
 
 def _model(width, fused, config, train):
@@ -106,9 +113,8 @@ def make_infer_step(width, fused, config, batch):
     return step
 
 
-def _record(kind, benchmark, width, fused, config, batch, group):
-    images_per_s = batch / benchmark.stats.stats.median
-    benchmark.extra_info.update(images_per_s=images_per_s, config=config.name)
+def _record(kind, width, fused, config, batch, group, median_s):
+    images_per_s = batch / median_s
     key = (kind, width, batch)
     RESULTS[(key, fused, config.name)] = images_per_s
     model = "fused" if fused else "plain"
@@ -130,25 +136,33 @@ def _record(kind, benchmark, width, fused, config, batch, group):
              fused_config=best[True][0], fused_images_per_s=best[True][1],
              plain_config=best[False][0], plain_images_per_s=best[False][1],
              fused_over_plain=best[True][1] / best[False][1])
+    return images_per_s
+
+
+def _measure(kind, benchmark, width, config, batch, steps, rounds, warmup):
+    """Both models' steps timed in turn, round after round (a slow spell of a shared machine
+    falls on both alike); pytest-benchmark keeps the fused model's rounds."""
+    times = interleaved_times_ms({"fused": steps[True], "plain": steps[False]}, rounds, warmup=warmup)
+    benchmark.pedantic(steps[True], rounds=1, warmup_rounds=0)
+    ips = {f: _record(kind, width, f, config, batch, benchmark.group,
+                      statistics.median(times["fused" if f else "plain"]) / 1e3) for f in (True, False)}
+    benchmark.extra_info.update(config=config.name, fused_images_per_s=ips[True], plain_images_per_s=ips[False],
+                                fused_over_plain=ips[True] / ips[False])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("width", WIDTHS)
-def test_train_step(benchmark, width, fused, config):
-    step = make_train_step(width, fused, config)
+def test_train_step(benchmark, width, config):
+    steps = {fused: make_train_step(width, fused, config) for fused in (True, False)}
     benchmark.group = f"FERNet train step, width_mult {width}, batch {BATCH}, {DEVICE.type}"
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2 if config.compile else 1)
-    _record("train", benchmark, width, fused, config, BATCH, benchmark.group)
+    _measure("train", benchmark, width, config, BATCH, steps, ROUNDS, 2 if config.compile else 1)
 
 
 @pytest.mark.parametrize("batch", [BATCH, 1], ids=[f"b{BATCH}", "b1"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("width", WIDTHS)
-def test_infer(benchmark, width, fused, config, batch):
-    step = make_infer_step(width, fused, config, batch)
+def test_infer(benchmark, width, config, batch):
+    steps = {fused: make_infer_step(width, fused, config, batch) for fused in (True, False)}
     benchmark.group = f"FERNet inference, width_mult {width}, batch {batch}, {DEVICE.type}"
     rounds = ROUNDS if batch > 1 else 10 * ROUNDS
-    benchmark.pedantic(step, rounds=rounds, warmup_rounds=2 if config.compile else 1)
-    _record("infer", benchmark, width, fused, config, batch, benchmark.group)
+    _measure("infer", benchmark, width, config, batch, steps, rounds, 2 if config.compile else 1)
