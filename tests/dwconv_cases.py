@@ -182,8 +182,12 @@ def float64_gradients(inputs, grad_out, *, stride=1, padding=1, eps=1e-5, traini
         scale = (bnw64.detach() * invstd).abs()[None, :, None, None]
         gz = scale * (gy + signed_gy.mean((0, 2, 3), keepdim=True).abs()
                       + xhat.abs() * (signed_gy * xhat).mean((0, 2, 3), keepdim=True).abs())
+    # grad_x is the transposed conv of grad_z: with batch statistics its terms are those of grad_z
+    # (with only a few values a channel, grad_x is small where the terms are not).
+    x_terms = (torch.nn.grad.conv2d_input(tuple(x.shape), w64.detach().abs(), gz, stride, padding, 1, channels)
+               if training else None)
     term_sums = [
-        None,
+        x_terms,
         torch.nn.grad.conv2d_weight(x64.detach().abs(), tuple(weight.shape), gz, stride, padding, 1, channels),
         gz.sum((0, 2, 3)),
         (gy * xhat.abs()).sum((0, 2, 3)),
@@ -194,10 +198,13 @@ def float64_gradients(inputs, grad_out, *, stride=1, padding=1, eps=1e-5, traini
 
 def assert_grad_close_fp32(name, actual, expected, term_sum, grad_x_scale, rtol=1e-5):
     """float32 gradient within rtol of float64: relative to its value plus, for reductions, the
-    sum of |terms| per element; grad_x relative to its largest magnitude."""
+    sum of |terms| per element; grad_x relative to its largest magnitude (plus its terms, where
+    given: with batch statistics)."""
     actual = actual.double().reshape(expected.shape)
     if term_sum is None:
         bound = rtol * (expected.abs() + max(1.0, grad_x_scale))
+    elif name == "x":
+        bound = rtol * (expected.abs() + max(1.0, grad_x_scale) + term_sum.reshape(expected.shape))
     else:
         bound = rtol * (expected.abs() + term_sum.reshape(expected.shape) + 1.0)
     excess = (actual - expected).abs() - bound

@@ -511,11 +511,17 @@ def test_backward_matches_reference(backend, shape, dtype, channels_last, traini
                                     backend=backend)
     grads = torch.autograd.grad(y, leaves, grad.to(dtype))
     assert grads[0].is_contiguous(memory_format=memory_format(channels_last))
-    expected, _ = float64_gradients(inputs, grad, stride=stride, training=training)
+    expected, term_sums = float64_gradients(inputs, grad, stride=stride, training=training)
     eager = eager_gradients(inputs, grad, dtype, stride=stride, training=training) if dtype != torch.float32 else None
-    for i, (name, got, exp) in enumerate(zip(GRAD_NAMES, grads, expected)):
+    grad_x_scale = float(expected[0].abs().max())
+    for i, (name, got, exp, term_sum) in enumerate(zip(GRAD_NAMES, grads, expected, term_sums)):
         assert got.dtype == inputs[i].dtype, name
-        assert_max_error(got, exp, eager=None if eager is None else eager[i], what=name)
+        if eager is None:
+            # float32: the reductions' error scales with their terms (the conv bias gradient with
+            # batch statistics is a sum of terms that cancels to ~0).
+            assert_grad_close_fp32(name, got, exp, term_sum, grad_x_scale)
+        else:
+            assert_max_error(got, exp, eager=eager[i], what=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_TRITON_ON_GPU)
