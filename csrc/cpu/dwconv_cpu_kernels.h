@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "dwconv_cpu_vec.h"
@@ -75,7 +76,8 @@ inline void sum_over_batch(const double* part, const SlotLayout& l, int64_t n, i
     for (int s = first; s < last; ++s) sums[c * kSlots + s] = 0;
   for (int64_t i = 0; i < n; ++i)
     for (int s = first; s < last; ++s)
-      for (int64_t c = c_begin; c < c_end; ++c) sums[c * kSlots + s] += part[i * l.n_stride + c * l.c_stride + s * l.s_stride];
+      for (int64_t c = c_begin; c < c_end; ++c)
+        sums[c * kSlots + s] += part[i * l.n_stride + c * l.c_stride + s * l.s_stride];
 }
 
 // The per-channel coefficients of gz (dwconv::BNBackward); training reads sum ga and
@@ -323,19 +325,34 @@ void conv_plane(const scalar_t* x_plane, const Geometry& g, const T* w, T shift,
 // (a null row is zero padding) give one output row (shift[c] + 3x3 window, then ReLU6 when
 // kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
 
-// acc += the taps (ky, kx) for ky in 0..2 with rows[ky] present and kx in [KxLo, KxHi), in
-// that order: x of tap (ky, kx) at rows[ky] + offset + kx * channels, its weight wv[ky * 3 + kx].
-// The tap columns are constants, so the weights stay in registers (the border columns of a row
-// take these instead of a loop that tests every tap).
-template <int KxLo, int KxHi, typename T>
-__attribute__((always_inline)) inline Vec<T> window_taps(Vec<T> acc, const T* const rows[3], int64_t offset,
-                                                         int64_t channels, const Vec<T>* wv) {
-  for (int ky = 0; ky < 3; ++ky) {
-    if (rows[ky] == nullptr) continue;
-    const T* p = rows[ky] + offset;
-    for (int kx = KxLo; kx < KxHi; ++kx) acc += load_vec(p + kx * channels) * wv[ky * 3 + kx];
+// Calls tap(t, p) for the taps (ky, kx) of a 3x3 window with rows[ky] present and kx in
+// [kx_lo, kx_hi), in the order (ky, then kx): t = ky * 3 + kx, p = rows[ky] + offset +
+// kx * col_step. The column ranges of a row's borders ([0, 3), [1, 3), [0, 2)) get constant
+// bounds, so the taps unroll with constant indices and the caller's nine weights or sums stay
+// in registers (instead of a loop that tests every tap); other ranges loop.
+template <typename T, typename Tap>
+__attribute__((always_inline)) inline void for_window_taps(const T* const rows[3], int64_t offset, int64_t col_step,
+                                                           int64_t kx_lo, int64_t kx_hi, Tap tap) {
+  auto run = [&](auto lo, auto hi) __attribute__((always_inline)) {
+    for (int ky = 0; ky < 3; ++ky) {
+      if (rows[ky] == nullptr) continue;
+      const T* p = rows[ky] + offset;
+      for (int kx = lo; kx < hi; ++kx) tap(ky * 3 + kx, p + kx * col_step);
+    }
+  };
+  using Lo0 = std::integral_constant<int, 0>;
+  using Lo1 = std::integral_constant<int, 1>;
+  using Hi2 = std::integral_constant<int, 2>;
+  using Hi3 = std::integral_constant<int, 3>;
+  if (kx_lo == 0 && kx_hi == 3) {
+    run(Lo0{}, Hi3{});
+  } else if (kx_lo == 1 && kx_hi == 3) {
+    run(Lo1{}, Hi3{});
+  } else if (kx_lo == 0 && kx_hi == 2) {
+    run(Lo0{}, Hi2{});
+  } else {
+    run(static_cast<int>(kx_lo), static_cast<int>(kx_hi));
   }
-  return acc;
 }
 
 // One vector of channels at a time: its nine tap weights and shift stay in registers while
@@ -368,19 +385,7 @@ FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64
       const int64_t kx_lo = std::max<int64_t>(0, -ix0), kx_hi = std::min<int64_t>(3, width - ix0);
       const int64_t offset = ix0 * channels + c0;
       Vec<T> a = sh;
-      if (kx_lo == 0 && kx_hi == 3) {
-        a = window_taps<0, 3>(a, rows, offset, channels, wv);
-      } else if (kx_lo == 1 && kx_hi == 3) {
-        a = window_taps<1, 3>(a, rows, offset, channels, wv);
-      } else if (kx_lo == 0 && kx_hi == 2) {
-        a = window_taps<0, 2>(a, rows, offset, channels, wv);
-      } else {
-        for (int ky = 0; ky < 3; ++ky) {
-          if (rows[ky] == nullptr) continue;
-          for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
-            a += load_vec(rows[ky] + offset + kx * channels) * wv[ky * 3 + kx];
-        }
-      }
+      for_window_taps(rows, offset, channels, kx_lo, kx_hi, [&](int t, const T* p) { a += load_vec(p) * wv[t]; });
       finish(ox, a);
     };
     for (int64_t ox = 0; ox < ox_lo; ++ox) edge(ox);
@@ -449,20 +454,13 @@ FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64
       Vec<T> a = Vec<T>{};
       if (stride == 1) {
         // Tap column kx reads output column ix + padding - kx: inside the row for kx in
-        // [kx_lo, kx_hi); window_taps with a negative column step.
+        // [kx_lo, kx_hi): a window with a negative column step.
         const int64_t kx_lo = std::max<int64_t>(0, ix + padding - w_out + 1);
         const int64_t kx_hi = std::min<int64_t>(3, ix + padding + 1);
         const int64_t offset = (ix + padding) * channels + c0;
-        if (kx_lo == 0 && kx_hi == 3) {
-          store_vec(out + ix * channels + c0, window_taps<0, 3>(a, grow, offset, -channels, wv));
-          return;
-        } else if (kx_lo == 1 && kx_hi == 3) {
-          store_vec(out + ix * channels + c0, window_taps<1, 3>(a, grow, offset, -channels, wv));
-          return;
-        } else if (kx_lo == 0 && kx_hi == 2) {
-          store_vec(out + ix * channels + c0, window_taps<0, 2>(a, grow, offset, -channels, wv));
-          return;
-        }
+        for_window_taps(grow, offset, -channels, kx_lo, kx_hi, [&](int t, const T* p) { a += load_vec(p) * wv[t]; });
+        store_vec(out + ix * channels + c0, a);
+        return;
       }
       for (int ky = 0; ky < 3; ++ky) {
         if (grow[ky] == nullptr) continue;
@@ -516,8 +514,8 @@ FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64
 
 // channels_last backward, one output row: from the conv row z[ox][c] and the gradient row
 // g[ox][c], per channel the ReLU6 mask, xhat, the row's sums of ga and ga * xhat and, when
-// kGz, gz[ox][c] and its row sum; the sums are added to sum_ga, sum_gx, sum_gz. k holds the (C,) vectors k_ga, k_xhat, k_one of
-// dwconv::BNBackward.
+// kGz, gz[ox][c] and its row sum; the sums are added to sum_ga, sum_gx, sum_gz. k holds the
+// (C,) vectors k_ga, k_xhat, k_one of dwconv::BNBackward.
 template <typename T, bool kGz>
 FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restrict g, int64_t w_out, int64_t channels,
                                        const T* __restrict mu, const T* __restrict is, const T* __restrict bw,
@@ -570,18 +568,6 @@ FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restric
   }
 }
 
-// acc[ky * 3 + kx] += gv * the x of tap (ky, kx), for the present rows and kx in [KxLo, KxHi)
-// (as window_taps: constant tap columns keep the nine sums in registers).
-template <int KxLo, int KxHi, typename T>
-__attribute__((always_inline)) inline void window_grad_weight(Vec<T>* acc, const T* const rows[3], int64_t offset,
-                                                              int64_t channels, Vec<T> gv) {
-  for (int ky = 0; ky < 3; ++ky) {
-    if (rows[ky] == nullptr) continue;
-    const T* p = rows[ky] + offset;
-    for (int kx = KxLo; kx < KxHi; ++kx) acc[ky * 3 + kx] += gv * load_vec(p + kx * channels);
-  }
-}
-
 // channels_last backward, one output row: gw[tap][c] += sum over the row of gz[ox][c] times
 // the input under that tap (rows as in conv_row_cl_fused). Channels go one vector at a time,
 // its nine tap sums held in registers across the whole row.
@@ -598,19 +584,7 @@ FERCUDA_SIMD void grad_weight_row_cl(const T* const rows[3], int64_t width, int6
       const int64_t ix0 = ox * stride - padding;
       const int64_t kx_lo = std::max<int64_t>(0, -ix0), kx_hi = std::min<int64_t>(3, width - ix0);
       const int64_t offset = ix0 * channels + c0;
-      if (kx_lo == 0 && kx_hi == 3) {
-        window_grad_weight<0, 3>(acc, rows, offset, channels, gv);
-      } else if (kx_lo == 1 && kx_hi == 3) {
-        window_grad_weight<1, 3>(acc, rows, offset, channels, gv);
-      } else if (kx_lo == 0 && kx_hi == 2) {
-        window_grad_weight<0, 2>(acc, rows, offset, channels, gv);
-      } else {
-        for (int ky = 0; ky < 3; ++ky) {
-          if (rows[ky] == nullptr) continue;
-          for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
-            acc[ky * 3 + kx] += gv * load_vec(rows[ky] + offset + kx * channels);
-        }
-      }
+      for_window_taps(rows, offset, channels, kx_lo, kx_hi, [&](int t, const T* p) { acc[t] += gv * load_vec(p); });
     }
     for (int t = 0; t < kTaps; ++t) store_vec(gw + t * channels + c0, acc[t]);
   }
