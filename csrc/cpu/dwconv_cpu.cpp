@@ -163,8 +163,10 @@ void affine_relu6_cl(const at::Tensor& x, const T* w9c, const T* shift, const Ge
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / g.h_out, oy = r % g.h_out;
         const T* rows[3];
-        rows_under(xd + n * g.h * g.w * g.c, g, oy, buf, rows);
-        conv_row_cl_fused<T, true>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, yd + r * row_out);
+        const T* img = xd + n * g.h * g.w * g.c;
+        rows_under(img, g, oy, buf, rows);
+        conv_row_cl_fused<T, true>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, yd + r * row_out,
+                                   next_row_in_place(img, g, oy));
       }
     });
   } else {
@@ -348,6 +350,14 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
         : xbuf(g), z(g.w_out * g.c), gbuf(widen ? g.w_out * g.c : 0), sums(kSlots * g.c) {}
   };
   constexpr bool kWiden = !std::is_same_v<scalar_t, T>;
+  // The gradient row after (n, oy) in the image, prefetched where it is read in place.
+  auto next_grad_row = [&](int64_t n, int64_t oy) -> const T* {
+    if constexpr (kWiden) {
+      return nullptr;
+    } else {
+      return prefetch_rows(g) && oy + 1 < g.h_out ? gd + (n * g.h_out + oy + 1) * row_out : nullptr;
+    }
+  };
   if (training) {
     at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
       Rows r(g, kWiden);
@@ -360,7 +370,7 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
           conv_row_cl(xd + n * g.h * row_in, g, oy, w9c, b, r.xbuf, rows, r.z.data());
           const T* gr = load_as(gd + (n * g.h_out + oy) * row_out, row_out, r.gbuf.data());
           bn_relu6_grad_row_cl<T, false>(r.z.data(), gr, g.w_out, C, mu, is, bw, bb, nullptr, nullptr, nullptr,
-                                         nullptr, s_ga, s_gx, nullptr);
+                                         nullptr, s_ga, s_gx, nullptr, next_grad_row(n, oy));
         }
         std::copy(s_ga, s_ga + 2 * C, part.data() + n * kSlots * C);
       }
@@ -395,7 +405,7 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
         const T* gr = load_as(gd + (n * g.h_out + oy) * row_out, row_out, r.gbuf.data());
         T* gzr = gz.data() + oy * row_out;
         bn_relu6_grad_row_cl<T, true>(r.z.data(), gr, g.w_out, C, mu, is, bw, bb, k_ga.data(), k_xhat.data(),
-                                      k_one.data(), gzr, s_ga, s_gx, s_gz);
+                                      k_one.data(), gzr, s_ga, s_gx, s_gz, next_grad_row(n, oy));
         grad_weight_row_cl(rows, g.w, C, g.padding, g.stride, gzr, g.w_out, s_gw);
       }
       std::copy(r.sums.begin() + first * C, r.sums.end(), part.data() + (n * kSlots + first) * C);

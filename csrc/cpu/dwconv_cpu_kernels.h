@@ -321,6 +321,21 @@ void conv_plane(const scalar_t* x_plane, const Geometry& g, const T* w, T shift,
 
 // ---- channels_last: one task per (n, output row) or per image, loops along C ---------------
 //
+// The row loops read a row one vector of channels at a time, pixel after pixel, C values
+// apart: a stride the hardware prefetcher follows poorly, so a row read straight from a tensor
+// would be fetched from memory a cache line per pixel on demand. The kernels that read rows in
+// place take the row the next call will read (next, may be null) and prefetch an equal share
+// of it in each channel block, so it is in cache when its turn comes.
+
+// Prefetches share `block` of the `blocks` equal shares of the n values at next.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_share(const T* next, int64_t n, int64_t block, int64_t blocks) {
+  if (next == nullptr) return;
+  const char* begin = reinterpret_cast<const char*>(next + n * block / blocks);
+  const char* end = reinterpret_cast<const char*>(next + n * (block + 1) / blocks);
+  for (const char* p = begin; p < end; p += 64) __builtin_prefetch(p);
+}
+//
 // Rows are (W, C) arrays of the accumulation type; in conv_row_cl_fused, three input rows
 // (a null row is zero padding) give one output row (shift[c] + 3x3 window, then ReLU6 when
 // kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
@@ -358,10 +373,11 @@ __attribute__((always_inline)) inline void for_window_taps(const T* const rows[3
 // One vector of channels at a time: its nine tap weights and shift stay in registers while
 // the loop runs along the row, so each tap costs one load and one multiply-add (the weights
 // are not re-read per pixel). Taps are summed in the order (ky, then kx), after the shift.
+// next: the input row the next output row adds (width * channels values), prefetched.
 template <typename T, bool kRelu6>
 FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
                                     int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
-                                    T* __restrict out) {
+                                    T* __restrict out, const T* next = nullptr) {
   constexpr int64_t kV = kVecLen<T>;
   const T* const r0 = rows[0];
   const T* const r1 = rows[1];
@@ -375,6 +391,7 @@ FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64
     Vec<T> wv[kTaps];
     for (int t = 0; t < kTaps; ++t) wv[t] = load_vec(w9c + t * channels + c0);
     const Vec<T> sh = load_vec(shift + c0);
+    prefetch_share(next, width * channels, c0 / kV, channels / kV);
     auto finish = [&](int64_t ox, Vec<T> a) {
       if constexpr (kRelu6) a = a < zero ? zero : (a > six ? six : a);  // as dwconv::relu6 (NaN propagates)
       store_vec(out + ox * channels + c0, a);
@@ -515,13 +532,14 @@ FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64
 // channels_last backward, one output row: from the conv row z[ox][c] and the gradient row
 // g[ox][c], per channel the ReLU6 mask, xhat, the row's sums of ga and ga * xhat and, when
 // kGz, gz[ox][c] and its row sum; the sums are added to sum_ga, sum_gx, sum_gz. k holds the
-// (C,) vectors k_ga, k_xhat, k_one of dwconv::BNBackward.
+// (C,) vectors k_ga, k_xhat, k_one of dwconv::BNBackward. next_g: the gradient row of the next
+// call (w_out * channels values), prefetched.
 template <typename T, bool kGz>
 FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restrict g, int64_t w_out, int64_t channels,
                                        const T* __restrict mu, const T* __restrict is, const T* __restrict bw,
                                        const T* __restrict bb, const T* __restrict k_ga, const T* __restrict k_xhat,
                                        const T* __restrict k_one, T* __restrict gz, T* __restrict sum_ga,
-                                       T* __restrict sum_gx, T* __restrict sum_gz) {
+                                       T* __restrict sum_gx, T* __restrict sum_gz, const T* next_g = nullptr) {
   // One vector of channels at a time, its sums in registers across the row; written with
   // vector types because the mask's two comparisons keep the compiler from vectorizing.
   constexpr int64_t kV = kVecLen<T>;
@@ -532,6 +550,7 @@ FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restric
     Vec<T> kg = zero, kx = zero, k1 = zero;
     if constexpr (kGz) kg = load_vec(k_ga + c0), kx = load_vec(k_xhat + c0), k1 = load_vec(k_one + c0);
     Vec<T> s_ga = zero, s_gx = zero, s_gz = zero;
+    prefetch_share(next_g, w_out * channels, c0 / kV, channels / kV);
     for (int64_t ox = 0; ox < w_out; ++ox) {
       const Vec<T> xhat = (load_vec(z + ox * channels + c0) - m) * s;
       const Vec<T> a = w * xhat + bias;
@@ -657,13 +676,28 @@ void rows_under(const scalar_t* img, const Geometry& g, int64_t oy, WideRows<sca
   }
 }
 
+// Whether the row kernels prefetch the rows they read in place: not on rows narrower than 16
+// pixels (the network's 12x12 and 6x6 planes), where the prefetches measured slower than
+// none (a channel block's loop is a few pixels long there).
+bool prefetch_rows(const Geometry& g) { return !narrow_plane(g); }
+
+// The input row that output row oy + 1 adds to those under oy, if it lies inside the image
+// and rows are prefetched; else null.
+template <typename scalar_t>
+const scalar_t* next_row_in_place(const scalar_t* img, const Geometry& g, int64_t oy) {
+  const int64_t iy = (oy + 1) * g.stride - g.padding + 2;
+  return prefetch_rows(g) && iy < g.h ? img + iy * g.w * g.c : nullptr;
+}
+
 // z[ox][c] = shift[c] + the 3x3 window of output row oy of one image; rows receives the input
 // rows under it (as from rows_under).
 template <typename scalar_t, typename T>
 void conv_row_cl(const scalar_t* img, const Geometry& g, int64_t oy, const T* w9c, const T* shift,
                  WideRows<scalar_t, T>& wide, const T* rows[3], T* z) {
   rows_under(img, g, oy, wide, rows);
-  conv_row_cl_fused<T, false>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z);
+  const T* next = nullptr;
+  if constexpr (std::is_same_v<scalar_t, T>) next = next_row_in_place(img, g, oy);
+  conv_row_cl_fused<T, false>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z, next);
 }
 
 #pragma GCC diagnostic pop

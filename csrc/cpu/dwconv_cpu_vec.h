@@ -62,6 +62,9 @@ __attribute__((always_inline)) inline void store_vec(T* p, Vec<T> v) {
 // conversion takes several times as many instructions).
 typedef uint32_t VecU32 __attribute__((vector_size(32)));
 typedef uint16_t VecU16 __attribute__((vector_size(16)));
+// Vectors cross no call boundary in this section either (always inlined).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 __attribute__((always_inline)) inline VecU16 bfloat16_bits(Vec<float> v) {
   VecU32 u;
   std::memcpy(&u, &v, sizeof(u));
@@ -101,6 +104,7 @@ FERCUDA_SIMD void relu6_convert_run(const T* __restrict src, int64_t n, To* __re
   }
   for (; i < n; ++i) dst[i] = static_cast<To>(dwconv::relu6(src[i]));
 }
+#pragma GCC diagnostic pop
 
 // A run of n values of the tensor's dtype as T: the same memory when the types agree,
 // else a widened copy in buf.
