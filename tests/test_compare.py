@@ -43,10 +43,11 @@ def test_timer_counts_its_calls_and_respects_the_budget():
 
 def test_interleaved_timer_takes_turns():
     order = []
-    times = compare.interleaved_times_ms({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3,
-                                         warmup=1)
-    assert order == ["a", "b"] + ["a", "b"] * 3  # the warm-ups, then one call each per round
-    assert set(times) == {"a", "b"} and all(len(t) == 3 and t == sorted(t) and min(t) >= 0 for t in times.values())
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    times = compare.interleaved_times_ms(calls, 4, warmup=1)
+    # the warm-ups, then one call each per round, each round starting one contender later
+    assert order == list("abc") + list("abc") + list("bca") + list("cab") + list("abc")
+    assert set(times) == set("abc") and all(len(t) == 4 and t == sorted(t) and min(t) >= 0 for t in times.values())
 
 
 def test_network_block_shapes_follow_the_model():
