@@ -163,10 +163,7 @@ void affine_relu6_cl(const at::Tensor& x, const T* w9c, const T* shift, const Ge
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / g.h_out, oy = r % g.h_out;
         const T* rows[3];
-        const T* img = xd + n * g.h * g.w * g.c;
-        rows_under(img, g, oy, buf, rows);
-        conv_row_cl_fused<T, true>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, yd + r * row_out,
-                                   next_row_in_place(img, g, oy));
+        conv_row_cl<true>(xd + n * g.h * g.w * g.c, g, oy, w9c, shift, buf, rows, yd + r * row_out);
       }
     });
   } else {

@@ -321,6 +321,10 @@ void conv_plane(const scalar_t* x_plane, const Geometry& g, const T* w, T shift,
 
 // ---- channels_last: one task per (n, output row) or per image, loops along C ---------------
 //
+// Rows are (W, C) arrays of the accumulation type; in conv_row_cl_fused, three input rows
+// (a null row is zero padding) give one output row (shift[c] + 3x3 window, then ReLU6 when
+// kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
+//
 // The row loops read a row one vector of channels at a time, pixel after pixel, C values
 // apart: a stride the hardware prefetcher follows poorly, so a row read straight from a tensor
 // would be fetched from memory a cache line per pixel on demand. The kernels that read rows in
@@ -335,10 +339,6 @@ __attribute__((always_inline)) inline void prefetch_share(const T* next, int64_t
   const char* end = reinterpret_cast<const char*>(next + n * (block + 1) / blocks);
   for (const char* p = begin; p < end; p += 64) __builtin_prefetch(p);
 }
-//
-// Rows are (W, C) arrays of the accumulation type; in conv_row_cl_fused, three input rows
-// (a null row is zero padding) give one output row (shift[c] + 3x3 window, then ReLU6 when
-// kRelu6) written straight to out[ox][c], the taps summed in order (ky, then kx).
 
 // Calls tap(t, p) for the taps (ky, kx) of a 3x3 window with rows[ky] present and kx in
 // [kx_lo, kx_hi), in the order (ky, then kx): t = ky * 3 + kx, p = rows[ky] + offset +
@@ -689,15 +689,16 @@ const scalar_t* next_row_in_place(const scalar_t* img, const Geometry& g, int64_
   return prefetch_rows(g) && iy < g.h ? img + iy * g.w * g.c : nullptr;
 }
 
-// z[ox][c] = shift[c] + the 3x3 window of output row oy of one image; rows receives the input
-// rows under it (as from rows_under).
-template <typename scalar_t, typename T>
+// z[ox][c] = shift[c] + the 3x3 window of output row oy of one image, then ReLU6 when kRelu6;
+// rows receives the input rows under it (as from rows_under). Rows read in place are
+// prefetched (next_row_in_place); widened rows were just written.
+template <bool kRelu6 = false, typename scalar_t, typename T>
 void conv_row_cl(const scalar_t* img, const Geometry& g, int64_t oy, const T* w9c, const T* shift,
                  WideRows<scalar_t, T>& wide, const T* rows[3], T* z) {
   rows_under(img, g, oy, wide, rows);
   const T* next = nullptr;
   if constexpr (std::is_same_v<scalar_t, T>) next = next_row_in_place(img, g, oy);
-  conv_row_cl_fused<T, false>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z, next);
+  conv_row_cl_fused<T, kRelu6>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, z, next);
 }
 
 #pragma GCC diagnostic pop
