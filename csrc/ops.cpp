@@ -4,10 +4,60 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+#include <string>
+
+#include "cpu/cpu_isa.h"
+
+namespace {
+
+// fercuda._C's functions: the CPU kernels' instruction-set path (csrc/cpu/cpu_isa.h), for
+// fercuda.cpu_isa() and fercuda.set_cpu_isa().
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fercuda::cpu::isa_name(fercuda::cpu::active_isa()));
+}
+
+PyObject* cpu_isas(PyObject*, PyObject*) {
+  const auto isas = fercuda::cpu::supported_isas();
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(isas.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < isas.size(); ++i)
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), PyUnicode_FromString(fercuda::cpu::isa_name(isas[i])));
+  return out;
+}
+
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  try {
+    return PyUnicode_FromString(fercuda::cpu::set_isa(name).c_str());
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernels' instruction-set path."},
+    {"cpu_isas", cpu_isas, METH_NOARGS, "The instruction-set paths this CPU can run."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Forces a path by name; returns the previous one."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
 // Importing fercuda._C loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  try {
+    fercuda::cpu::active_isa();  // FERCUDA_CPU_ISA is read now: a bad value fails the import.
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
   return PyModule_Create(&module_def);
 }
 }

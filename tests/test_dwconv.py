@@ -19,6 +19,7 @@ GPU cases have "cuda" or "triton" in their node ids and never "cpu"; CPU cases n
 import copy
 import ctypes
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -84,6 +85,11 @@ ODD_SHAPES = [(*nchw, stride) for nchw in ((3, 5, 7, 9), (2, 1, 6, 5), (4, 3, 1,
               for stride in (1, 2)]
 # What the Triton interpreter affords.
 SMALL_SHAPES = [(2, 3, 5, 7, 1), (2, 3, 5, 7, 2)]
+# The edges of the CPU kernels' register blocks (16 or 32 channels a vector block, up to 8
+# output columns a block): widths 1 to 7 past a block, channels 1 to 17 past a vector, N=1,
+# stride 2.
+BLOCK_EDGE_SHAPES = [(1, 17, 5, 15, 1), (2, 33, 4, 9, 1), (1, 49, 5, 23, 2), (2, 16, 3, 17, 1), (1, 1, 6, 8, 2),
+                     (2, 31, 5, 1, 1), (1, 47, 4, 10, 1), (2, 8, 3, 2, 2), (1, 64, 2, 7, 1)]
 
 
 def shape_id(shape):
@@ -103,7 +109,41 @@ def cases(shapes, interpreted=(), backends=("cpu", "cuda", "triton")):
 
 
 def device_of(backend):
-    return {"cpu": "cpu", "cuda": "cuda", "triton": TRITON_DEVICE}[backend]
+    return {"cpu": "cpu", "cuda": "cuda", "triton": TRITON_DEVICE}[kernel_backend(backend)]
+
+
+# The C++ CPU kernels on one instruction-set path: backend "cpu_<path>" (fercuda.set_cpu_isa),
+# every path this CPU can run; the others skip, saying why. "cpu" takes the widest path.
+CPU_ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
+
+
+def isa_cases(shapes):
+    """(backend, shape) parameters of the C++ CPU kernels on every instruction-set path."""
+    supported = fercuda.supported_cpu_isas()
+    return [pytest.param(f"cpu_{isa}", shape, id=f"cpu_{isa}-{shape_id(shape)}",
+                         marks=pytest.mark.skipif(isa not in supported,
+                                                  reason=f"this CPU cannot run the {isa} path (it runs {supported})"))
+            for isa in CPU_ISAS for shape in shapes]
+
+
+def kernel_backend(backend):
+    """fercuda.ops' backend= of a test backend ("cpu_avx2" -> "cpu")."""
+    return backend.split("_")[0]
+
+
+@pytest.fixture(autouse=True)
+def cpu_isa_of_backend(request):
+    """Sets the instruction-set path of a "cpu_<path>" backend for the test, and restores it."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    if not (isinstance(backend, str) and backend.startswith("cpu_")):
+        yield
+        return
+    before = fercuda.set_cpu_isa(backend.split("_", 1)[1])
+    try:
+        yield
+    finally:
+        fercuda.set_cpu_isa(before)
 
 
 def batch(backend, n):
@@ -145,13 +185,14 @@ def leaves_of(inputs):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(**LAYOUTS)
-@pytest.mark.parametrize("backend, shape", cases(NETWORK_SHAPES + ODD_SHAPES + SMALL_SHAPES, SMALL_SHAPES))
+@pytest.mark.parametrize("backend, shape", cases(NETWORK_SHAPES + ODD_SHAPES + SMALL_SHAPES, SMALL_SHAPES)
+                         + isa_cases(BLOCK_EDGE_SHAPES + [(4, 256, 24, 24, 1), (4, 184, 6, 6, 1)]))
 def test_inference(backend, shape, channels_last, dtype, rng):
     n, c, h, w, stride = shape
     inputs = sample_inputs(device_of(backend), dtype, rng, n=batch(backend, n), c=c, h=h, w=w,
                            channels_last=channels_last)
     with poisoned_allocations():
-        out = fercuda.ops.dwconv_bn_relu6(*inputs, stride=stride, backend=backend)
+        out = fercuda.ops.dwconv_bn_relu6(*inputs, stride=stride, backend=kernel_backend(backend))
     expected = reference(*inputs, stride=stride)
     assert out.shape == expected.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=memory_format(channels_last))
@@ -162,13 +203,15 @@ def test_inference(backend, shape, channels_last, dtype, rng):
         assert_within_twice_eager(out, expected, eager, "out")
 
 
+@pytest.mark.parametrize(**LAYOUTS)
 @pytest.mark.parametrize("bias", (True, False), ids=("bias", "no_bias"))
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("backend, shape", cases([(64, 256, 24, 24, 1), (2, 3, 5, 7, 1)], [(2, 3, 5, 7, 1)]))
-def test_inference_float32_batchnorm_with_half_input(backend, shape, dtype, bias, rng):
+@pytest.mark.parametrize("backend, shape", cases([(64, 256, 24, 24, 1), (2, 3, 5, 7, 1)], [(2, 3, 5, 7, 1)])
+                         + isa_cases([(2, 33, 5, 9, 1)]))
+def test_inference_float32_batchnorm_with_half_input(backend, shape, dtype, bias, channels_last, rng):
     n, c, h, w, stride = shape
     inputs = sample_inputs(device_of(backend), dtype, rng, n=batch(backend, n), c=c, h=h, w=w, bias=bias,
-                           bn_dtype=torch.float32)
+                           bn_dtype=torch.float32, channels_last=channels_last)
     out = op(backend)(*inputs, stride, 1, 1e-5)
     eager = reference(*inputs[:5], inputs[5].to(dtype), inputs[6].to(dtype), stride=stride, dtype=dtype)
     assert out.dtype == dtype
@@ -217,7 +260,8 @@ def test_inference_other_padding(backend, padding, rng):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(**LAYOUTS)
-@pytest.mark.parametrize("backend, shape", cases(ODD_SHAPES + SMALL_SHAPES, SMALL_SHAPES))
+@pytest.mark.parametrize("backend, shape", cases(ODD_SHAPES + SMALL_SHAPES, SMALL_SHAPES)
+                         + isa_cases(BLOCK_EDGE_SHAPES))
 def test_training_forward(backend, shape, channels_last, dtype, rng):
     """One step of the functional training op: the output, the float32 batch statistics and the
     new running statistics in the BatchNorm tensors' dtype; the inputs left as they were."""
@@ -499,7 +543,8 @@ def test_low_precision_training_gradients(backend, shape, dtype, channels_last, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 # Channel counts below, at and past the vector blocks of the channels_last kernels (32 floats).
 @pytest.mark.parametrize("backend, shape", cases([(3, 5, 11, 10, 2), (2, 37, 9, 8, 1), (2, 70, 6, 6, 1),
-                                                  (2, 33, 7, 9, 2)]))
+                                                  (2, 33, 7, 9, 2)])
+                         + isa_cases([(1, 17, 5, 15, 1), (2, 33, 4, 9, 1), (1, 49, 5, 11, 2), (2, 70, 6, 6, 1)]))
 def test_backward_matches_reference(backend, shape, dtype, channels_last, training, rng):
     n, c, h, w, stride = shape
     device = device_of(backend)
@@ -508,7 +553,7 @@ def test_backward_matches_reference(backend, shape, dtype, channels_last, traini
     grad = torch.randn(n, c, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=rng,
                        dtype=torch.float64).to(device)
     y = fercuda.ops.dwconv_bn_relu6(*leaves, inputs[5].clone(), inputs[6].clone(), stride=stride, training=training,
-                                    backend=backend)
+                                    backend=kernel_backend(backend))
     grads = torch.autograd.grad(y, leaves, grad.to(dtype))
     assert grads[0].is_contiguous(memory_format=memory_format(channels_last))
     expected, term_sums = float64_gradients(inputs, grad, stride=stride, training=training)
@@ -860,6 +905,79 @@ def test_exception_momentum_in_the_train_op(momentum, printed):
 def test_exception_eps_momentum_types(kwargs, message):
     with pytest.raises(TypeError, match="^fercuda.dwconv_bn_relu6: " + message):
         fercuda.ops.dwconv_bn_relu6(*_inputs_2x4x5x5(), **kwargs)
+
+
+# =============================================================================================
+# The C++ CPU kernels' instruction-set paths (the values of every path are checked above, by
+# the cpu_<path> cases of the tests of every backend)
+# =============================================================================================
+
+
+def test_cpu_isa_paths_are_listed_and_set():
+    supported = fercuda.supported_cpu_isas()
+    assert supported[0] == "baseline" and set(supported) <= set(CPU_ISAS)
+    assert list(supported) == [isa for isa in CPU_ISAS if isa in supported]  # narrowest first
+    assert fercuda.cpu_isa() in supported
+    before = fercuda.set_cpu_isa("baseline")
+    try:
+        assert fercuda.cpu_isa() == "baseline"
+        assert fercuda.set_cpu_isa("auto") == "baseline"
+        assert fercuda.cpu_isa() == supported[-1]
+    finally:
+        fercuda.set_cpu_isa(before)
+
+
+def test_exception_cpu_isa_names_the_argument():
+    with pytest.raises(ValueError, match=r"argument 'isa' must be one of 'auto', .*got 'sse9'"):
+        fercuda.set_cpu_isa("sse9")
+    with pytest.raises(TypeError, match=r"argument 'isa' must be a str, got int"):
+        fercuda.set_cpu_isa(2)
+    missing = [isa for isa in CPU_ISAS if isa not in fercuda.supported_cpu_isas()]
+    if missing:
+        with pytest.raises(RuntimeError, match=f"this CPU cannot run the '{missing[0]}' path"):
+            fercuda.set_cpu_isa(missing[0])
+
+
+def _python_with_env(code, **env):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_environment_variable_forces_the_path():
+    run = _python_with_env("import fercuda; print(fercuda.cpu_isa())", FERCUDA_CPU_ISA="baseline")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["baseline"]
+    bad = _python_with_env("import fercuda", FERCUDA_CPU_ISA="avx9")
+    assert bad.returncode != 0
+    assert "FERCUDA_CPU_ISA must be one of 'auto', 'baseline', 'avx2', 'avx512', 'avx512_bf16', got 'avx9'" in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize(**LAYOUTS)
+@pytest.mark.parametrize("backend, shape", isa_cases([(4, 48, 6, 6, 1), (3, 40, 13, 11, 2)]))
+def test_outputs_do_not_depend_on_the_thread_count(backend, shape, channels_last, dtype, rng):
+    n, c, h, w, stride = shape
+    inputs = sample_inputs("cpu", dtype, rng, n=n, c=c, h=h, w=w, channels_last=channels_last,
+                           bn_dtype=torch.float32)
+    grad_out = torch.randn(n, c, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=rng).to(dtype)
+    grad_out = grad_out.contiguous(memory_format=memory_format(channels_last))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            out, mean, invstd = train(backend, inputs, stride, inputs[5].clone(), inputs[6].clone())
+            infer = op(backend)(*inputs, stride, 1, 1e-5)
+            runs.append((out, mean, invstd, infer) + tuple(backward(backend, grad_out, inputs, mean, invstd, stride,
+                                                                     True)))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
 
 
 # =============================================================================================

@@ -1,8 +1,8 @@
 // Kernels of the fused depthwise 3x3 conv + BatchNorm + ReLU6 on the CPU: the hot loops of
-// both layouts (FERCUDA_SIMD: an AVX2 clone and a baseline one), the per-plane / per-row
-// helpers around them, and the deterministic merges of per-task partial results.
-// dwconv_cpu.cpp holds the op glue (argument checks, allocation, dtype dispatch, and the
-// at::parallel_for over tasks that calls these). Plain C++ on pointers (no ATen).
+// both layouts, the per-plane / per-row helpers around them, and the deterministic merges of
+// per-task partial results, written once in portable vector code; each instruction-set path
+// compiles them for its own target (dwconv_cpu_compute.h, dwconv_cpu_path_*.cpp).
+// dwconv_cpu_compute.h runs them over tasks; plain C++ on pointers (no ATen).
 //
 // T is the accumulation type (float, or double for float64 tensors); scalar_t the tensor's
 // dtype, met only when a plane or row is loaded or stored.
@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dwconv_cpu_paths.h"
 #include "dwconv_cpu_vec.h"
 #include "fercuda/dwconv_math.h"
 #include "fercuda/hd.h"
@@ -26,12 +27,6 @@ namespace {
 using dwconv::kTaps;
 
 // ---- Shared by both layouts ----------------------------------------------------------------
-
-struct Geometry {
-  int64_t n, c, h, w, h_out, w_out, stride, padding;
-  int64_t hp() const { return h + 2 * padding; }
-  int64_t wp() const { return w + 2 * padding; }
-};
 
 // Chan's combination of equal-sized parts (per task: an (n, c) plane, an (n, oy) row or an
 // image) into the batch mean and biased variance of channels [c_begin, c_end). Part r of
@@ -57,9 +52,7 @@ void chan_merge(const P* part_mean, const P* part_m2, int64_t parts, int64_t str
   for (int64_t c = c_begin; c < c_end; ++c) var[c] /= count;
 }
 
-// Slots of the backward's per-channel sums: sum ga, sum ga * xhat, sum gz, then the 9 taps
-// of grad_weight.
-constexpr int kSlots = 3 + kTaps;
+static_assert(kSlots == 3 + kTaps);
 
 // Where a backward task's partial sums lie: slot s of channel c of image n at
 // n * n_stride + c * c_stride + s * s_stride.
@@ -104,7 +97,7 @@ std::vector<dwconv::BNBackward<T>> backward_coeffs(const T* bn_w, const T* invst
 // once: long vector loops even for the network's 6x6 planes. Entries with ox >= w_out are
 // scratch (the last row has none); the backward gives them a zero gradient.
 template <typename T>
-FERCUDA_SIMD void conv_wide(const T* __restrict xp, int64_t wp, const T* __restrict w, T shift, int64_t stride,
+void conv_wide(const T* __restrict xp, int64_t wp, const T* __restrict w, T shift, int64_t stride,
                             int64_t len, T* __restrict z) {
   const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
   const T* r0 = xp;
@@ -128,7 +121,7 @@ FERCUDA_SIMD void conv_wide(const T* __restrict xp, int64_t wp, const T* __restr
 // (the network's 6x6 and 12x12) go through an index table, one long (gather) loop, rather
 // than rows too short to vectorize.
 template <typename T, typename scalar_t>
-FERCUDA_SIMD void store_relu6_wide(const T* __restrict z, int64_t wp, int64_t h_out, int64_t w_out,
+void store_relu6_wide(const T* __restrict z, int64_t wp, int64_t h_out, int64_t w_out,
                                    const int32_t* __restrict index, scalar_t* __restrict out) {
   if (index != nullptr) {
     const int64_t n = h_out * w_out;
@@ -144,7 +137,7 @@ FERCUDA_SIMD void store_relu6_wide(const T* __restrict z, int64_t wp, int64_t h_
 
 // dst[i] = src[index[i]]: the interior of a padded plane, narrowed to the tensor's dtype.
 template <typename T, typename scalar_t>
-FERCUDA_SIMD void gather_plane(const T* __restrict src, const int32_t* __restrict index, int64_t n,
+void gather_plane(const T* __restrict src, const int32_t* __restrict index, int64_t n,
                                scalar_t* __restrict dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[index[i]]);
 }
@@ -153,7 +146,7 @@ FERCUDA_SIMD void gather_plane(const T* __restrict src, const int32_t* __restric
 // outputs and 0 for scratch entries (two passes over L1-resident data: no cancellation,
 // unlike sum and sum of squares).
 template <typename T>
-FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, const T* __restrict valid, int64_t len, int64_t count,
+void mean_m2_wide(const T* __restrict z, const T* __restrict valid, int64_t len, int64_t count,
                                double& mean, double& m2) {
   T acc[kLanes] = {};
   int64_t k = 0;
@@ -180,7 +173,7 @@ FERCUDA_SIMD void mean_m2_wide(const T* __restrict z, const T* __restrict valid,
 // Backward, elementwise on one wide plane: from z and g (zero in the scratch entries), the
 // ReLU6 mask and xhat; the sums of ga and ga * xhat; gz where wanted.
 template <typename T>
-FERCUDA_SIMD void bn_relu6_grad_wide(const T* __restrict z, const T* __restrict g, int64_t len, T mean, T invstd,
+void bn_relu6_grad_wide(const T* __restrict z, const T* __restrict g, int64_t len, T mean, T invstd,
                                      T bn_w, T bn_b, dwconv::BNBackward<T> k, T* __restrict gz, T& sum_ga,
                                      T& sum_ga_xhat) {
   T acc_ga[kLanes] = {}, acc_gx[kLanes] = {};
@@ -209,7 +202,7 @@ FERCUDA_SIMD void bn_relu6_grad_wide(const T* __restrict z, const T* __restrict 
 
 // grad_w[tap] = sum over the wide plane of gz * the input under that tap.
 template <typename T>
-FERCUDA_SIMD void grad_weight_wide(const T* __restrict xp, int64_t wp, const T* __restrict gz, int64_t stride,
+void grad_weight_wide(const T* __restrict xp, int64_t wp, const T* __restrict gz, int64_t stride,
                                    int64_t len, T* __restrict gw) {
   if (stride == 1) {
     // All nine taps in one sweep, one vector accumulator each: gz is read once, and the
@@ -244,7 +237,7 @@ FERCUDA_SIMD void grad_weight_wide(const T* __restrict xp, int64_t wp, const T* 
 
 // Transposed depthwise conv: scatter gz * w into the padded plane gxp (zeroed by the caller).
 template <typename T>
-FERCUDA_SIMD void grad_input_wide(const T* __restrict gz, const T* __restrict w, int64_t stride, int64_t len,
+void grad_input_wide(const T* __restrict gz, const T* __restrict w, int64_t stride, int64_t len,
                                   int64_t wp, T* __restrict gxp) {
   for (int t = 0; t < kTaps; ++t) {
     T* r = gxp + (t / 3) * wp + (t % 3);
@@ -261,7 +254,7 @@ FERCUDA_SIMD void grad_input_wide(const T* __restrict gz, const T* __restrict w,
 // writing each entry of the padded plane once (no zeroing, no nine read-modify-write
 // passes). gz must be readable, and zero, from gz - (2 * wp + 2) to gz + len_padded + kV.
 template <typename T>
-FERCUDA_SIMD void grad_input_gather_wide(const T* __restrict gz, const T* __restrict w, int64_t wp,
+void grad_input_gather_wide(const T* __restrict gz, const T* __restrict w, int64_t wp,
                                          int64_t len_padded, T* __restrict gxp) {
   constexpr int64_t kV = kVecLen<T>;
   for (int64_t p = 0; p < len_padded; p += kV) {
@@ -375,7 +368,7 @@ __attribute__((always_inline)) inline void for_window_taps(const T* const rows[3
 // are not re-read per pixel). Taps are summed in the order (ky, then kx), after the shift.
 // next: the input row the next output row adds (width * channels values), prefetched.
 template <typename T, bool kRelu6>
-FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
+void conv_row_cl_fused(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
                                     int64_t stride, const T* __restrict w9c, const T* __restrict shift, int64_t w_out,
                                     T* __restrict out, const T* next = nullptr) {
   constexpr int64_t kV = kVecLen<T>;
@@ -448,7 +441,7 @@ FERCUDA_SIMD void conv_row_cl_fused(const T* const rows[3], int64_t width, int64
 // (H_out, W_out, C) gradient. As in conv_row_cl_fused, one vector of channels at a time with
 // its nine weights in registers along the row.
 template <typename T>
-FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64_t w_out, int64_t iy, int64_t width,
+void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64_t w_out, int64_t iy, int64_t width,
                                     int64_t channels, int64_t padding, int64_t stride, const T* __restrict w9c,
                                     T* __restrict out) {
   // stride is 1 or 2: shifts and masks, not divisions, in the per-pixel loops.
@@ -535,7 +528,7 @@ FERCUDA_SIMD void grad_input_row_cl(const T* __restrict gz, int64_t h_out, int64
 // (C,) vectors k_ga, k_xhat, k_one of dwconv::BNBackward. next_g: the gradient row of the next
 // call (w_out * channels values), prefetched.
 template <typename T, bool kGz>
-FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restrict g, int64_t w_out, int64_t channels,
+void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restrict g, int64_t w_out, int64_t channels,
                                        const T* __restrict mu, const T* __restrict is, const T* __restrict bw,
                                        const T* __restrict bb, const T* __restrict k_ga, const T* __restrict k_xhat,
                                        const T* __restrict k_one, T* __restrict gz, T* __restrict sum_ga,
@@ -591,7 +584,7 @@ FERCUDA_SIMD void bn_relu6_grad_row_cl(const T* __restrict z, const T* __restric
 // the input under that tap (rows as in conv_row_cl_fused). Channels go one vector at a time,
 // its nine tap sums held in registers across the whole row.
 template <typename T>
-FERCUDA_SIMD void grad_weight_row_cl(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
+void grad_weight_row_cl(const T* const rows[3], int64_t width, int64_t channels, int64_t padding,
                                      int64_t stride, const T* __restrict gz, int64_t w_out, T* __restrict gw) {
   constexpr int64_t kV = kVecLen<T>;
   int64_t c0 = 0;
@@ -626,7 +619,7 @@ FERCUDA_SIMD void grad_weight_row_cl(const T* const rows[3], int64_t width, int6
 
 // channels_last: per-channel mean and M2 over the w_out pixels of one row z[ox][c].
 template <typename T>
-FERCUDA_SIMD void row_mean_m2_cl(const T* __restrict z, int64_t w_out, int64_t channels, T* __restrict mean,
+void row_mean_m2_cl(const T* __restrict z, int64_t w_out, int64_t channels, T* __restrict mean,
                                  T* __restrict m2) {
   for (int64_t c = 0; c < channels; ++c) mean[c] = 0;
   for (int64_t ox = 0; ox < w_out; ++ox)

@@ -3,8 +3,8 @@
 // pointers (no ATen); included by dwconv_cpu_kernels.h.
 //
 // The hot loops run on the accumulation type T only (float for float32, float16 and bfloat16
-// tensors, double for float64), so one AVX2 clone (FERCUDA_SIMD) serves every dtype; the
-// tensor's dtype is met only in the conversions here.
+// tensors, double for float64), so one compiled copy per instruction-set path serves every
+// dtype; the tensor's dtype is met only in the conversions here.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +22,7 @@ namespace dwconv_cpu {
 // (fercuda._C exports none of these symbols).
 namespace {
 
-// ---- 32-byte vectors (one AVX2 register; two SSE registers in the default clone) ----------
+// ---- 32-byte vectors (one AVX2 register; two SSE registers on the baseline path) ----------
 
 template <typename T>
 struct VecOf;
@@ -40,7 +40,7 @@ template <typename T>
 constexpr int64_t kVecLen = 32 / sizeof(T);
 
 // Always inlined, so no vector ever crosses a call boundary (the -Wpsabi note about
-// AVX vectors in the default clone's ABI does not apply).
+// AVX vectors in the baseline ABI does not apply).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 template <typename T>
@@ -78,7 +78,7 @@ constexpr bool kNarrowsToBFloat16 = std::is_same_v<To, c10::BFloat16>;
 
 // dst[i] = src[i] converted (bfloat16 / float16 widened, or narrowed with rounding to nearest).
 template <typename From, typename To>
-FERCUDA_SIMD void convert_run(const From* __restrict src, int64_t n, To* __restrict dst) {
+void convert_run(const From* __restrict src, int64_t n, To* __restrict dst) {
   int64_t i = 0;
   if constexpr (std::is_same_v<From, float> && kNarrowsToBFloat16<To>) {
     for (; i + 8 <= n; i += 8) {
@@ -91,7 +91,7 @@ FERCUDA_SIMD void convert_run(const From* __restrict src, int64_t n, To* __restr
 
 // dst[i] = relu6(src[i]), narrowed to the output dtype.
 template <typename T, typename To>
-FERCUDA_SIMD void relu6_convert_run(const T* __restrict src, int64_t n, To* __restrict dst) {
+void relu6_convert_run(const T* __restrict src, int64_t n, To* __restrict dst) {
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float> && kNarrowsToBFloat16<To>) {
     const Vec<float> zero = Vec<float>{}, six = zero + 6.0f;
@@ -132,7 +132,7 @@ T combine_lanes(const T* acc, T tail) {
 }
 
 template <typename T>
-FERCUDA_SIMD T sum_of(const T* __restrict v, int64_t n) {
+T sum_of(const T* __restrict v, int64_t n) {
   T acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
