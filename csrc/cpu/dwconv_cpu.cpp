@@ -21,10 +21,6 @@
 namespace fercuda {
 namespace dwconv_cpu {
 
-// Paths without kernels of their own run the widest path below them.
-const Path& path_avx512() { return path_avx2(); }
-const Path& path_avx512_bf16() { return path_avx512(); }
-
 const Path& active_path() {
   switch (cpu::active_isa()) {
     case cpu::Isa::kAvx512Bf16:

@@ -31,6 +31,9 @@
 #endif
 
 #include "dwconv_cpu_kernels.h"
+#ifdef FERCUDA_AVX512_BF16
+#include "dwconv_cpu_avx512.h"
+#endif
 
 namespace fercuda {
 namespace dwconv_cpu {
@@ -346,7 +349,100 @@ void backward_cl(const at::Tensor& x, const at::Tensor& grad_out, const ChannelP
   sum_over_batch_parallel(part.data(), layout, g.n, C, training ? 2 : 0, kSlots, sd);
 }
 
+#ifdef FERCUDA_AVX512_BF16
+// ---- AVX-512 paths: channels_last float32 and bfloat16 through dwconv_cpu_avx512.h ---------------
+//
+// Both read x in place (bfloat16 widened in registers); one task per output row (n, oy).
+
+// fn.template operator()<scalar_t>() for x's dtype, float32 or bfloat16.
+template <typename Fn>
+void dispatch_avx512(at::ScalarType dtype, Fn fn) {
+  if (dtype == at::kFloat) {
+    fn.template operator()<float>();
+  } else {
+    fn.template operator()<c10::BFloat16>();
+  }
+}
+
+template <bool kRelu6, typename scalar_t, typename Out, typename Fn>
+void for_each_row_avx512(const at::Tensor& x, const float* w9c, const float* shift, const Geometry& g, Out* out,
+                         int64_t out_row_stride, Fn after_row) {
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const int64_t row_in = g.w * g.c;
+  at::parallel_for(0, g.n * g.h_out, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.h_out, oy = r % g.h_out;
+      const scalar_t* rows[3];
+      const scalar_t* next = avx512::rows_under(xd + n * g.h * row_in, g.h, g.w, row_in, g.stride, g.padding, oy, rows);
+      Out* o = out + (out_row_stride == 0 ? 0 : r * out_row_stride);
+      avx512::conv_row<kRelu6>(rows, g.w, g.c, g.padding, g.stride, w9c, shift, g.w_out, o, next);
+      after_row(r, o);
+    }
+  });
+}
+
+// Whether the AVX-512 row kernel takes this forward: channels_last bfloat16 (read in place
+// where the portable path widens every row into a copy), and float32 rows narrower than 16
+// pixels; float32 rows of 16 pixels and more measured no faster than the AVX2 path's kernel,
+// which they keep (BENCHMARKS.md).
+bool avx512_forward(const at::Tensor& x, const Geometry& g, bool channels_last) {
+  const auto dtype = x.scalar_type();
+  return channels_last && (dtype == at::kBFloat16 || (dtype == at::kFloat && g.w_out < 16));
+}
+
+void affine_relu6_avx512_entry(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& shift, const Geometry& g,
+                               bool channels_last, at::Tensor& y) {
+  const auto dtype = x.scalar_type();
+  if (!avx512_forward(x, g, channels_last)) {
+    path_avx2().affine_relu6(x, wf, shift, g, channels_last, y);
+    return;
+  }
+  const at::Tensor w9c = taps_major(wf);
+  dispatch_avx512(dtype, [&]<typename scalar_t>() {
+    for_each_row_avx512<true, scalar_t>(x, w9c.const_data_ptr<float>(), shift.const_data_ptr<float>(), g,
+                                        y.mutable_data_ptr<scalar_t>(), g.w_out * g.c, [](int64_t, scalar_t*) {});
+  });
+}
+
+void batch_stats_avx512_entry(const at::Tensor& x, const ChannelParams& p, const Geometry& g, bool channels_last,
+                              double* mean, double* var) {
+  const auto dtype = x.scalar_type();
+  if (!avx512_forward(x, g, channels_last)) {
+    path_avx2().batch_stats(x, p, g, channels_last, mean, var);
+    return;
+  }
+  // Per-row mean / M2 of the float conv row (in a per-thread buffer), merged by Chan's rule.
+  at::Tensor part_mean = at::empty({g.n * g.h_out, g.c}, p.w.options());
+  at::Tensor part_m2 = at::empty({g.n * g.h_out, g.c}, p.w.options());
+  float* pm = part_mean.mutable_data_ptr<float>();
+  float* pq = part_m2.mutable_data_ptr<float>();
+  const at::Tensor w9c = taps_major(p.w);
+  dispatch_avx512(dtype, [&]<typename scalar_t>() {
+    {
+      const float* wd = w9c.const_data_ptr<float>();
+      const float* bd = p.b.const_data_ptr<float>();
+      const scalar_t* xd = x.const_data_ptr<scalar_t>();
+      const int64_t row_in = g.w * g.c;
+      at::parallel_for(0, g.n * g.h_out, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> z(g.w_out * g.c);
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t n = r / g.h_out, oy = r % g.h_out;
+          const scalar_t* rows[3];
+          const scalar_t* next = avx512::rows_under(xd + n * g.h * row_in, g.h, g.w, row_in, g.stride, g.padding,
+                                                    oy, rows);
+          avx512::conv_row<false>(rows, g.w, g.c, g.padding, g.stride, wd, bd, g.w_out, z.data(), next);
+          avx512::row_mean_m2(z.data(), g.w_out, g.c, pm + r * g.c, pq + r * g.c);
+        }
+      });
+    }
+  });
+  merge_batch_stats(pm, pq, g.n * g.h_out, g.w_out, g, mean, var);
+}
+#endif  // FERCUDA_AVX512_BF16
+
 // ---- The path's entry points: dtype dispatch --------------------------------------------------
+
+#ifndef FERCUDA_AVX512_BF16
 
 void affine_relu6_entry(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& shift, const Geometry& g,
                         bool channels_last, at::Tensor& y) {
@@ -382,10 +478,18 @@ void backward_entry(const at::Tensor& x, const at::Tensor& grad_out, const Chann
   });
 }
 
+#endif  // !FERCUDA_AVX512_BF16
+
 }  // namespace
 
 const Path& FERCUDA_DWCONV_PATH_FN() {
+#ifdef FERCUDA_AVX512_BF16
+  // The AVX-512 kernels cover the channels_last forward (avx512_forward); the rest runs the
+  // AVX2 path's code, which measured faster than the same portable code compiled for AVX-512.
+  static const Path path{affine_relu6_avx512_entry, batch_stats_avx512_entry, path_avx2().backward};
+#else
   static const Path path{affine_relu6_entry, batch_stats_entry, backward_entry};
+#endif
   return path;
 }
 

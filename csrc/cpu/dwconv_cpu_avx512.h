@@ -1,0 +1,244 @@
+// AVX-512 kernels of the fused depthwise 3x3 conv + BatchNorm + ReLU6, channels_last, written
+// with intrinsics and included only by the AVX-512 paths' translation units
+// (dwconv_cpu_path_avx512*.cpp), under their `#pragma GCC target`. FERCUDA_AVX512_BF16 (0 or 1)
+// says whether the path may use AVX512_BF16 instructions.
+//
+// Register blocking. One call computes one output row of one image. For each block of 16
+// channels (one vector of floats; the last block masked) the nine tap weights and the shift
+// stay in registers, and the row goes in blocks of up to 8 output columns with their 8
+// accumulators in registers: each input column of a kernel row is loaded (and, from bfloat16,
+// widened) once and multiplied into every output of the block whose window holds it, at stride
+// 1 three, so a block of 8 needs 10 loads a kernel row for 24 multiply-adds instead of 24
+// loads. Blocks whose windows reach past the row's ends skip the padding columns; the others
+// run without a test. Per output the taps are added in the order (ky, then kx) after the
+// shift, as the portable kernels add them: float32 outputs are the same bits on every path.
+//
+// bfloat16 rows are read in place (a zero-extending load and a shift widen 16 values), so no
+// widened copy of the input is written; outputs are narrowed in registers as they are stored,
+// rounding to nearest even: with vcvtneps2bf16 where AVX512_BF16 is present (it flushes
+// results below bfloat16's normal range to zero, and keeps a NaN's payload), else with integer
+// operations exactly as c10::BFloat16.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+
+#ifndef FERCUDA_AVX512_BF16
+#error "dwconv_cpu_avx512.h is included by an AVX-512 path, which sets FERCUDA_AVX512_BF16"
+#endif
+
+// GCC 12's AVX-512 intrinsics start their unmasked forms from _mm512_undefined_*(), which it
+// then reports as maybe uninitialized wherever they are inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace fercuda {
+namespace dwconv_cpu {
+namespace {
+namespace avx512 {
+
+constexpr int64_t kLanes16 = 16;
+
+__attribute__((always_inline)) inline __mmask16 lanes_mask(int64_t n) {
+  return n >= kLanes16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// 16 values widened to float: all of them (kFull), else the first lanes of mask (a channel
+// block's tail; masked loads and stores cost more than plain ones, so only the tail has them).
+template <bool kFull>
+__attribute__((always_inline)) inline __m512 load16(const float* p, __mmask16 m) {
+  return kFull ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+template <bool kFull>
+__attribute__((always_inline)) inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  // The zero-masking conversions: the plain ones start from _mm512_undefined_epi32(), which
+  // GCC 12 reports as maybe uninitialized.
+  const __m256i half = kFull ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(m, p);
+  const __m512i bits = _mm512_maskz_cvtepu16_epi32(m, half);
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(m, bits, 16));
+}
+
+// Narrowed to the output type and stored: all 16 lanes (kFull), else the first lanes of mask.
+template <bool kFull>
+__attribute__((always_inline)) inline void store16(float* p, __mmask16 m, __m512 v) {
+  if (kFull) {
+    _mm512_storeu_ps(p, v);
+  } else {
+    _mm512_mask_storeu_ps(p, m, v);
+  }
+}
+template <bool kFull>
+__attribute__((always_inline)) inline void store16(c10::BFloat16* p, __mmask16 m, __m512 v) {
+#if FERCUDA_AVX512_BF16
+  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  // As c10::BFloat16(float): round to nearest even, any NaN to 0x7FC0.
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  const __m256i bits = _mm512_cvtepi32_epi16(r);
+#endif
+  if (kFull) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
+  } else {
+    _mm256_mask_storeu_epi16(p, m, bits);
+  }
+}
+
+// ReLU6 keeping NaN (max and min return their second operand when one is NaN).
+__attribute__((always_inline)) inline __m512 relu6(__m512 a) {
+  return _mm512_min_ps(_mm512_set1_ps(6.0f), _mm512_max_ps(_mm512_setzero_ps(), a));
+}
+
+// B outputs of one channel block: acc[i] = shift + the 3x3 window of output column ox0 + i,
+// the window's input columns starting at ix0 = ox0 * S - padding (kEdge: some of them outside
+// [0, width), skipped).
+template <int B, int S, bool kEdge, bool kFull, typename In>
+__attribute__((always_inline)) inline void window_block(const In* const rows[3], int64_t ix0, int64_t width,
+                                                        int64_t channels, int64_t c0, __mmask16 m, const __m512 wv[9],
+                                                        __m512 sh, __m512 acc[B]) {
+  constexpr int kCols = (B - 1) * S + 3;
+#pragma GCC unroll 8
+  for (int i = 0; i < B; ++i) acc[i] = sh;
+#pragma GCC unroll 3
+  for (int ky = 0; ky < 3; ++ky) {
+    if (rows[ky] == nullptr) continue;
+    const In* base = rows[ky] + ix0 * channels + c0;
+#pragma GCC unroll 24
+    for (int j = 0; j < kCols; ++j) {
+      if (kEdge && (ix0 + j < 0 || ix0 + j >= width)) continue;
+      const __m512 v = load16<kFull>(base + j * channels, m);
+#pragma GCC unroll 3
+      for (int kx = 0; kx < 3; ++kx) {
+        const int i = (j - kx) / S;
+        if (j - kx < 0 || (j - kx) % S != 0 || i >= B) continue;
+        acc[i] = _mm512_fmadd_ps(v, wv[ky * 3 + kx], acc[i]);
+      }
+    }
+  }
+}
+
+template <int B, int S, bool kRelu6, bool kFull, typename In, typename Out>
+__attribute__((always_inline)) inline void row_block(const In* const rows[3], int64_t ox0, int64_t width,
+                                                     int64_t channels, int64_t padding, int64_t c0, __mmask16 m,
+                                                     const __m512 wv[9], __m512 sh, Out* out) {
+  const int64_t ix0 = ox0 * S - padding;
+  __m512 acc[B];
+  if (ix0 >= 0 && ix0 + (B - 1) * S + 2 < width) {
+    window_block<B, S, false, kFull>(rows, ix0, width, channels, c0, m, wv, sh, acc);
+  } else {
+    window_block<B, S, true, kFull>(rows, ix0, width, channels, c0, m, wv, sh, acc);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < B; ++i) store16<kFull>(out + (ox0 + i) * channels + c0, m, kRelu6 ? relu6(acc[i]) : acc[i]);
+}
+
+// Prefetches share `block` of `blocks` equal shares of the n values at next (null: none).
+template <typename In>
+__attribute__((always_inline)) inline void prefetch_share(const In* next, int64_t n, int64_t block, int64_t blocks) {
+  if (next == nullptr) return;
+  const char* begin = reinterpret_cast<const char*>(next + n * block / blocks);
+  const char* end = reinterpret_cast<const char*>(next + n * (block + 1) / blocks);
+  for (const char* p = begin; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+}
+
+// One channel block of one output row.
+template <int S, bool kRelu6, bool kFull, typename In, typename Out>
+__attribute__((always_inline)) inline void channel_block_row(const In* const rows[3], int64_t width, int64_t channels,
+                                                             int64_t padding, const float* w9c, const float* shift,
+                                                             int64_t w_out, Out* out, int64_t c0, __mmask16 m) {
+  __m512 wv[9];
+  for (int t = 0; t < 9; ++t) wv[t] = _mm512_maskz_loadu_ps(m, w9c + t * channels + c0);
+  const __m512 sh = _mm512_maskz_loadu_ps(m, shift + c0);
+  int64_t ox = 0;
+  for (; ox + 8 <= w_out; ox += 8)
+    row_block<8, S, kRelu6, kFull>(rows, ox, width, channels, padding, c0, m, wv, sh, out);
+  if (ox + 4 <= w_out) {
+    row_block<4, S, kRelu6, kFull>(rows, ox, width, channels, padding, c0, m, wv, sh, out);
+    ox += 4;
+  }
+  if (ox + 2 <= w_out) {
+    row_block<2, S, kRelu6, kFull>(rows, ox, width, channels, padding, c0, m, wv, sh, out);
+    ox += 2;
+  }
+  if (ox < w_out) row_block<1, S, kRelu6, kFull>(rows, ox, width, channels, padding, c0, m, wv, sh, out);
+}
+
+template <int S, bool kRelu6, typename In, typename Out>
+void conv_row_strided(const In* const rows[3], int64_t width, int64_t channels, int64_t padding, const float* w9c,
+                      const float* shift, int64_t w_out, Out* out, const In* next) {
+  const int64_t blocks = (channels + kLanes16 - 1) / kLanes16;
+  int64_t c0 = 0;
+  for (; c0 + kLanes16 <= channels; c0 += kLanes16) {
+    prefetch_share(next, width * channels, c0 / kLanes16, blocks);
+    channel_block_row<S, kRelu6, true>(rows, width, channels, padding, w9c, shift, w_out, out, c0,
+                                       static_cast<__mmask16>(0xFFFF));
+  }
+  if (c0 < channels) {
+    prefetch_share(next, width * channels, c0 / kLanes16, blocks);
+    channel_block_row<S, kRelu6, false>(rows, width, channels, padding, w9c, shift, w_out, out, c0,
+                                        lanes_mask(channels - c0));
+  }
+}
+
+// out[ox][c] = shift[c] + the 3x3 window of one output row (ReLU6 applied when kRelu6), from
+// the three input rows under it (null: a padding row); w9c (9, C) and shift (C,) in float.
+// next: the input row the next output row adds (width * channels values), prefetched a share
+// per channel block: the loops read a row C values apart, a stride the hardware prefetcher
+// follows poorly.
+template <bool kRelu6, typename In, typename Out>
+void conv_row(const In* const rows[3], int64_t width, int64_t channels, int64_t padding, int64_t stride,
+              const float* w9c, const float* shift, int64_t w_out, Out* out, const In* next = nullptr) {
+  if (stride == 1) {
+    conv_row_strided<1, kRelu6>(rows, width, channels, padding, w9c, shift, w_out, out, next);
+  } else {
+    conv_row_strided<2, kRelu6>(rows, width, channels, padding, w9c, shift, w_out, out, next);
+  }
+}
+
+// Per-channel mean and sum of squared deviations of one float row z[ox][c] (two passes over
+// the row, which is in L1).
+inline void row_mean_m2(const float* z, int64_t w_out, int64_t channels, float* mean, float* m2) {
+  const __m512 inv = _mm512_set1_ps(1.0f / static_cast<float>(w_out));
+  for (int64_t c0 = 0; c0 < channels; c0 += kLanes16) {
+    const __mmask16 m = lanes_mask(channels - c0);
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t ox = 0; ox < w_out; ++ox) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, z + ox * channels + c0));
+    const __m512 mu = _mm512_mul_ps(s, inv);
+    __m512 q = _mm512_setzero_ps();
+    for (int64_t ox = 0; ox < w_out; ++ox) {
+      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, z + ox * channels + c0), mu);
+      q = _mm512_fmadd_ps(d, d, q);
+    }
+    _mm512_mask_storeu_ps(mean + c0, m, mu);
+    _mm512_mask_storeu_ps(m2 + c0, m, q);
+  }
+}
+
+// The three input rows under output row oy of one image (img: (H, W, C)); null = padding.
+// Returns the row that output row oy + 1 adds, where it lies in the image and the rows are
+// wide enough to gain from its prefetch (16 pixels: on the network's 12x12 and 6x6 planes a
+// channel block's loop is too short), else null.
+template <typename In>
+const In* rows_under(const In* img, int64_t h, int64_t width, int64_t row_len, int64_t stride, int64_t padding,
+                     int64_t oy, const In* rows[3]) {
+  for (int ky = 0; ky < 3; ++ky) {
+    const int64_t iy = oy * stride - padding + ky;
+    rows[ky] = (iy < 0 || iy >= h) ? nullptr : img + iy * row_len;
+  }
+  const int64_t next = (oy + 1) * stride - padding + 2;
+  return width >= 16 && next < h ? img + next * row_len : nullptr;
+}
+
+}  // namespace avx512
+}  // namespace
+}  // namespace dwconv_cpu
+}  // namespace fercuda
+
+#pragma GCC diagnostic pop
