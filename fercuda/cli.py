@@ -17,18 +17,10 @@ VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".m
 def load_model(checkpoint, device, fused: bool = True):
     """A FERNet and its class names from a checkpoint written by fercuda train (a file or a run
     folder), or the pretrained FERNet shipped with fercuda when checkpoint is None."""
-    from fercuda.models.pretrained import PRETRAINED_FILE, model_from_checkpoint, read_checkpoint
+    from fercuda.models import load
 
-    path = PRETRAINED_FILE if checkpoint is None else Path(checkpoint)
-    if path.is_dir():  # a run folder: its best model
-        candidates = [path / "official" / "best.pt", path / "best.pt", path / "official" / "last.pt", path / "last.pt"]
-        found = [c for c in candidates if c.exists()]
-        if not found:
-            raise FileNotFoundError(f"{path}: no best.pt or last.pt in this run folder")
-        path = found[0]
-    ckpt = read_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path, fused=fused)
-    return model.to(device).eval(), list(ckpt["classes"]), path
+    model = load(checkpoint, fused=fused, device=device)
+    return model, list(model.metadata["classes"]), Path(model.metadata["checkpoint"])
 
 
 def default_device(arg):

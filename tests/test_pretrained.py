@@ -1,6 +1,8 @@
 """The FERNet shipped inside the package, and the errors of the checkpoint reader."""
 
 import json
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -10,8 +12,8 @@ import torch
 from fercuda import cli
 from fercuda.evaluation import predict_logits
 from fercuda.models import FERNet
-from fercuda.models.pretrained import (PRETRAINED_FILE, CheckpointError, model_from_checkpoint, pretrained,
-                                       pretrained_metadata, read_checkpoint)
+from fercuda.models import PRETRAINED_FILE, CheckpointError, pretrained, pretrained_metadata, read_checkpoint
+from fercuda.models.checkpoint import model_from_checkpoint
 
 FER_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
@@ -29,6 +31,15 @@ def test_pretrained_ships_with_its_metadata():
     assert model(torch.zeros(2, 3, 48, 48)).shape == (2, 7)
     assert all(v.dtype == torch.float32 for v in read_checkpoint(PRETRAINED_FILE)["model"].values()
                if v.is_floating_point())
+
+
+def test_pretrained_as_the_readme_calls_it():
+    # A fresh interpreter, so that nothing imported before makes the name resolve.
+    code = ("import fercuda.models; m = fercuda.models.pretrained(); "
+            "print(type(m).__name__, m.metadata['classes'][3], m.training)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["FERNet", "happy", "False"]
 
 
 @pytest.fixture(scope="module")
