@@ -147,17 +147,9 @@ def predict_paths(args, parser=None):
 
 def _write_atomically(out: Path, write) -> None:
     """write(tmp_path) then rename onto out: an error leaves neither a partial file nor a changed out."""
-    import os
-    import tempfile
+    from fercuda.runfiles import atomic_write
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, lambda tmp: write(Path(tmp)), keep_suffix=True)
 
 
 def cmd_predict(args) -> int:

@@ -112,8 +112,6 @@ def export_pretrained(run_dir, data, dest=PRETRAINED_FILE, batch_size: int | Non
     are measured here, on `data`'s PublicTest and PrivateTest images, in float32 with the fused
     and the plain network (both must agree, or nothing is written)."""
     import json
-    import os
-    import tempfile
 
     import fercuda
     from fercuda.data import load_faces
@@ -160,14 +158,9 @@ def export_pretrained(run_dir, data, dest=PRETRAINED_FILE, batch_size: int | Non
         "fercuda_version": fercuda.__version__,
         "torch_version": str(torch.__version__),  # a TorchVersion would not load with weights_only
     }
+    from fercuda.runfiles import save_checkpoint
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(meta, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_checkpoint(dest, meta)
     return {k: v for k, v in meta.items() if k != "model"}
