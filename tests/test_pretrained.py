@@ -65,7 +65,7 @@ def test_predict_and_eval_use_the_pretrained_model_by_default(fer2013_dir, tmp_p
     cli.main(["predict", str(face_file), "--out", str(tmp_path / "face.png"), "--json", str(tmp_path / "f.json"),
               "--device", "cpu"])
     found = json.loads((tmp_path / "f.json").read_text())[0]["faces"]
-    assert len(found) == 1 and found[0]["label"] in FER_CLASSES
+    assert len(found) == 1 and found[0]["dominant_emotion"] in FER_CLASSES
     assert cv2.imread(str(tmp_path / "face.png")) is not None
 
 
@@ -127,7 +127,7 @@ def test_exception_predict_leaves_no_partial_output(tmp_path, capsys):
     out_png.write_bytes(b"keep")
     bad_image = tmp_path / "bad.jpg"
     bad_image.write_bytes(b"no image here")
-    with pytest.raises(ValueError, match="bad.jpg: cannot be decoded"):
+    with pytest.raises(ValueError, match="bad.jpg cannot be decoded"):
         cli.main(["predict", str(ckpt), str(bad_image), "--out", str(out_png), "--device", "cpu"])
     assert out_png.read_bytes() == b"keep"
     with pytest.raises(ValueError, match="the same file as the input"):
@@ -140,9 +140,9 @@ def test_predict_says_when_no_face_is_found(tmp_path, capsys):
     cv2.imwrite(str(blank), np.full((240, 320), 128, np.uint8))
     detector, _ = cli.face_detector()
     if detector is not None:
-        cli.main(["predict", str(ckpt), str(blank), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
-        printed = capsys.readouterr().out
-        assert "no face found" in printed and "--whole-image" in printed
+        with pytest.raises(ValueError, match="blank.png: no face found.*--whole-image"):
+            cli.main(["predict", str(ckpt), str(blank), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
+        assert not (tmp_path / "o.png").exists()
     cli.main(["predict", str(ckpt), str(blank), "--out", str(tmp_path / "o.png"), "--device", "cpu",
               "--whole-image", "--json", str(tmp_path / "o.json")])
     assert json.loads((tmp_path / "o.json").read_text())[0]["faces"][0]["box"] == [0, 0, 320, 240]

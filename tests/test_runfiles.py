@@ -47,7 +47,7 @@ def test_annotated_image_and_data_cache_get_the_umask(tmp_path, umask):
     cv2.imwrite(str(face), np.random.default_rng(0).integers(0, 256, (48, 48), dtype=np.uint8))
     out = tmp_path / "out" / "face.png"
     cli.main(["predict", str(ckpt), str(face), "--out", str(out), "--json", str(tmp_path / "f.json"),
-              "--device", "cpu"])
+              "--device", "cpu", "--engine", "torch"])
     assert _mode(out) == 0o666 & ~umask and _mode(tmp_path / "f.json") == 0o666 & ~umask
     root = tmp_path / "data"
     (root / "train" / "happy").mkdir(parents=True)
