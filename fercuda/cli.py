@@ -1,4 +1,4 @@
-"""The fercuda command: train, eval, predict, info."""
+"""The fercuda command: train, eval, predict, export, info."""
 
 from __future__ import annotations
 
@@ -267,6 +267,19 @@ def predict_video(fer, source: Path, out: Path, progress=None) -> list[dict]:
     return results
 
 
+# ---------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from fercuda.export import export_onnx
+
+    if len(args.paths) > 2:
+        raise SystemExit(f"fercuda export: expected [CHECKPOINT] OUT.onnx, got {len(args.paths)} paths: {args.paths}")
+    checkpoint, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    meta = export_onnx(checkpoint, out, opset=args.opset)
+    print(f"{out}: FERNet as ONNX (opset {meta['opset']}, {meta['bytes']:,} bytes, BatchNorm folded, input "
+          f"'input' float32 (N, 3, 48, 48), output 'logits' (N, {len(meta['classes'])}); classes {meta['classes']})")
+    return 0
+
+
 # ---------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
     from fercuda.models import FERNet, complexity
@@ -326,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: for videos of 100 frames or more)")
 
+    p = sub.add_parser("export", help="write a FERNet as ONNX (plain graph, BatchNorm folded, dynamic batch)",
+                       usage="fercuda export [CHECKPOINT] OUT.onnx [--opset N]")
+    p.add_argument("paths", nargs="+", metavar="[CHECKPOINT] OUT.onnx",
+                   help="the .onnx file to write, after an optional checkpoint (best.pt / last.pt or a run folder; "
+                        "default: the pretrained FERNet shipped with fercuda)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+
     p = sub.add_parser("info", help="parameter count and FLOPs per 48x48 image")
     p.add_argument("--width-mult", type=float, nargs="+", default=[1.0])
     p.add_argument("--num-classes", type=int, default=7)
@@ -342,7 +362,7 @@ def main(argv=None) -> int:
         train_argv = list(sys.argv[2:] if argv is None else argv[1:])
         run(resolve_args(train_argv))
         return 0
-    return {"eval": cmd_eval, "predict": cmd_predict, "info": cmd_info}[args.command](args)
+    return {"eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "info": cmd_info}[args.command](args)
 
 
 if __name__ == "__main__":
