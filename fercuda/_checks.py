@@ -129,6 +129,14 @@ def check_numpy_dtype(img, dtype, op, arg):
         raise _image_type_error(dtype, op, arg, f"a numpy.ndarray of {img.dtype}")
 
 
+def check_tensor_type(v, op, arg, optional=False):
+    """A tensor argument of a non-image op (numpy arrays are not converted: these ops hold weights
+    and running statistics that they update in place)."""
+    if not isinstance(v, torch.Tensor) and not (optional and v is None):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"fercuda.{op}: argument '{arg}' must be {expected}, got {_type_name(v)}")
+
+
 def _is_real_number(v):
     """A real number: an int or float (numpy's and symbolic ones included) or a 0-D real tensor.
     Not a bool, which a schema's float would take as 0 or 1, nor a string, which float() would

@@ -212,6 +212,9 @@ def dwconv_bn_relu6(
     backend: None (the C++ kernel of x's device), "cpu", "cuda" or "triton". eps must be finite
     and > 0, momentum in [0, 1] (or None when training=False, where it is unused).
     """
+    for arg, v in (("x", x), ("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                   ("running_mean", running_mean), ("running_var", running_var)):
+        _checks.check_tensor_type(v, "dwconv_bn_relu6", arg, optional=arg == "bias")
     _checks.check_dwconv_eps_momentum("dwconv_bn_relu6", eps, momentum, training)
     # The Triton ops have the C++ ops' contract (outputs, no mutation, fakes, autograd): only the op differs.
     if _backend("dwconv_bn_relu6", backend, x) == "triton":

@@ -13,14 +13,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-def atomic_write(path: Path, write) -> None:
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write, keep_suffix: bool = False) -> None:
     """Write through a temporary file in the same folder and os.replace it: a crash leaves the
-    old file or the new one, never half of one."""
+    old file or the new one, never half of one. write(tmp) gets the temporary path (a str); with
+    keep_suffix it ends in path's suffix (writers such as cv2.VideoWriter choose the format by
+    it). The file gets the mode a plain open() would give it (0666 less the umask), not
+    mkstemp's 0600."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    if keep_suffix:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    else:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

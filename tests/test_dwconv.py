@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -905,6 +906,22 @@ def test_exception_momentum_in_the_train_op(momentum, printed):
 def test_exception_eps_momentum_types(kwargs, message):
     with pytest.raises(TypeError, match="^fercuda.dwconv_bn_relu6: " + message):
         fercuda.ops.dwconv_bn_relu6(*_inputs_2x4x5x5(), **kwargs)
+
+
+ARG_NAMES = ("x", "weight", "bias", "bn_weight", "bn_bias", "running_mean", "running_var")
+
+
+@pytest.mark.parametrize("position", range(7), ids=ARG_NAMES)
+@pytest.mark.parametrize("make", [lambda t: t.numpy(), lambda t: t.tolist()], ids=["numpy", "list"])
+def test_exception_non_tensor_argument(position, make):
+    args = list(_inputs_2x4x5x5())
+    given = make(args[position] if args[position] is not None else torch.zeros(4))
+    args[position] = given
+    name = "numpy.ndarray" if isinstance(given, np.ndarray) else "list"
+    expected = "a torch.Tensor or None" if ARG_NAMES[position] == "bias" else "a torch.Tensor"
+    with pytest.raises(TypeError, match=f"^fercuda.dwconv_bn_relu6: argument '{ARG_NAMES[position]}' must be "
+                                        f"{expected}, got {name}$"):
+        fercuda.ops.dwconv_bn_relu6(*args)
 
 
 # =============================================================================================

@@ -1,6 +1,8 @@
 """The FERNet shipped inside the package, and the errors of the checkpoint reader."""
 
 import json
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -10,8 +12,8 @@ import torch
 from fercuda import cli
 from fercuda.evaluation import predict_logits
 from fercuda.models import FERNet
-from fercuda.models.pretrained import (PRETRAINED_FILE, CheckpointError, model_from_checkpoint, pretrained,
-                                       pretrained_metadata, read_checkpoint)
+from fercuda.models import PRETRAINED_FILE, CheckpointError, pretrained, pretrained_metadata, read_checkpoint
+from fercuda.models.checkpoint import model_from_checkpoint
 
 FER_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
@@ -29,6 +31,15 @@ def test_pretrained_ships_with_its_metadata():
     assert model(torch.zeros(2, 3, 48, 48)).shape == (2, 7)
     assert all(v.dtype == torch.float32 for v in read_checkpoint(PRETRAINED_FILE)["model"].values()
                if v.is_floating_point())
+
+
+def test_pretrained_as_the_readme_calls_it():
+    # A fresh interpreter, so that nothing imported before makes the name resolve.
+    code = ("import fercuda.models; m = fercuda.models.pretrained(); "
+            "print(type(m).__name__, m.metadata['classes'][3], m.training)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["FERNet", "happy", "False"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +65,7 @@ def test_predict_and_eval_use_the_pretrained_model_by_default(fer2013_dir, tmp_p
     cli.main(["predict", str(face_file), "--out", str(tmp_path / "face.png"), "--json", str(tmp_path / "f.json"),
               "--device", "cpu"])
     found = json.loads((tmp_path / "f.json").read_text())[0]["faces"]
-    assert len(found) == 1 and found[0]["label"] in FER_CLASSES
+    assert len(found) == 1 and found[0]["dominant_emotion"] in FER_CLASSES
     assert cv2.imread(str(tmp_path / "face.png")) is not None
 
 
@@ -116,7 +127,7 @@ def test_exception_predict_leaves_no_partial_output(tmp_path, capsys):
     out_png.write_bytes(b"keep")
     bad_image = tmp_path / "bad.jpg"
     bad_image.write_bytes(b"no image here")
-    with pytest.raises(ValueError, match="bad.jpg: cannot be decoded"):
+    with pytest.raises(ValueError, match="bad.jpg cannot be decoded"):
         cli.main(["predict", str(ckpt), str(bad_image), "--out", str(out_png), "--device", "cpu"])
     assert out_png.read_bytes() == b"keep"
     with pytest.raises(ValueError, match="the same file as the input"):
@@ -129,9 +140,9 @@ def test_predict_says_when_no_face_is_found(tmp_path, capsys):
     cv2.imwrite(str(blank), np.full((240, 320), 128, np.uint8))
     detector, _ = cli.face_detector()
     if detector is not None:
-        cli.main(["predict", str(ckpt), str(blank), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
-        printed = capsys.readouterr().out
-        assert "no face found" in printed and "--whole-image" in printed
+        with pytest.raises(ValueError, match="blank.png: no face found.*--whole-image"):
+            cli.main(["predict", str(ckpt), str(blank), "--out", str(tmp_path / "o.png"), "--device", "cpu"])
+        assert not (tmp_path / "o.png").exists()
     cli.main(["predict", str(ckpt), str(blank), "--out", str(tmp_path / "o.png"), "--device", "cpu",
               "--whole-image", "--json", str(tmp_path / "o.json")])
     assert json.loads((tmp_path / "o.json").read_text())[0]["faces"][0]["box"] == [0, 0, 320, 240]

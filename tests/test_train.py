@@ -118,7 +118,7 @@ def test_predict_on_faces(trained_run, small_fer, tmp_path):
     cli.main(["predict", str(out / "official" / "best.pt"), str(face_file), "--out", str(tmp_path / "face.png"),
               "--json", str(tmp_path / "face.json"), "--device", "cpu"])
     found = json.loads((tmp_path / "face.json").read_text())[0]["faces"]
-    assert len(found) == 1 and found[0]["box"] == [0, 0, 48, 48] and found[0]["label"] in classes
+    assert len(found) == 1 and found[0]["box"] == [0, 0, 48, 48] and found[0]["dominant_emotion"] in classes
     assert cv2.imread(str(tmp_path / "face.png")) is not None
 
     # A larger scene built from a FER face: needs the Haar cascade, or --whole-image.
@@ -142,7 +142,7 @@ def test_predict_on_faces(trained_run, small_fer, tmp_path):
             x, y, w, h = f["box"]
             # The face was pasted at rows 40..232, columns 60..252.
             assert 60 <= x + w / 2 <= 252 and 40 <= y + h / 2 <= 232, f["box"]
-            assert f["label"] in classes
+            assert f["dominant_emotion"] in classes
     assert cv2.imread(str(tmp_path / "scene_out.jpg")) is not None
 
     # A short video of FER faces: one classified face per frame, an annotated video out.

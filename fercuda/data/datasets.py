@@ -14,7 +14,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,19 +255,16 @@ def _cache_file(path: Path, fmt: str, on_error: str, cache_dir: Path) -> Path:
 
 
 def _save_cache(data: FaceData, file: Path) -> None:
+    from fercuda.runfiles import atomic_write
+
     file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez(
-            tmp, images=data.images.numpy(), labels=data.labels.numpy(), splits=data.splits,
-            subjects=data.subjects, classes=np.array(data.classes), source=np.array(data.source),
-            problems=np.array(data.problems, dtype=str),
-        )
-        os.replace(tmp, file)  # atomic: a concurrent reader sees the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # Atomic: a concurrent reader sees the old file or the whole new one. keep_suffix: np.savez
+    # appends .npz to a name that lacks it.
+    atomic_write(file, lambda tmp: np.savez(
+        tmp, images=data.images.numpy(), labels=data.labels.numpy(), splits=data.splits,
+        subjects=data.subjects, classes=np.array(data.classes), source=np.array(data.source),
+        problems=np.array(data.problems, dtype=str),
+    ), keep_suffix=True)
 
 
 def _load_cache(file: Path) -> FaceData:

@@ -1,8 +1,9 @@
 """The FERNet trained on FER2013 that ships inside the package, and the checkpoint reader that
-`fercuda eval` and `fercuda predict` share.
+`fercuda eval`, `fercuda predict`, `fercuda export` and fercuda.recognition share.
 
     model = fercuda.models.pretrained()           # eval mode, on the CPU, fused blocks
     model.metadata["classes"], model.metadata["private_test_accuracy"]
+    model = fercuda.models.load("runs/fer2013")   # a run folder's best model, or a .pt file; None: the shipped one
 
 The weights file holds tensors and plain values only and loads with weights_only=True.
 """
@@ -59,6 +60,36 @@ def model_from_checkpoint(ckpt: dict, path, fused: bool = True) -> FERNet:
     return model
 
 
+def resolve_checkpoint(checkpoint) -> Path:
+    """The file a checkpoint argument names: the shipped weights for None, a run folder's best
+    model (official/best.pt, best.pt, then last.pt), or the file itself."""
+    path = PRETRAINED_FILE if checkpoint is None else Path(checkpoint)
+    if path.is_dir():
+        candidates = [path / "official" / "best.pt", path / "best.pt", path / "official" / "last.pt", path / "last.pt"]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise FileNotFoundError(f"checkpoint {path}: no best.pt or last.pt in this run folder")
+        path = found[0]
+    return path
+
+
+def load(checkpoint=None, fused: bool = True, device="cpu") -> FERNet:
+    """A FERNet in eval mode from a checkpoint written by fercuda train (a .pt file or a run
+    folder), or the shipped one for None. `model.metadata` holds the checkpoint's classes (in
+    output order), model_config, the file read ("checkpoint") and, for the shipped model, the
+    rest of pretrained()'s metadata."""
+    if checkpoint is None:
+        model = pretrained(fused=fused, device=device)
+        model.metadata = {**model.metadata, "checkpoint": str(PRETRAINED_FILE)}
+        return model
+    path = resolve_checkpoint(checkpoint)
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path, fused=fused)
+    model.metadata = {"classes": list(ckpt["classes"]), "model_config": dict(ckpt["model_config"]),
+                      "checkpoint": str(path)}
+    return model.to(device).eval()
+
+
 def pretrained(fused: bool = True, device="cpu") -> FERNet:
     """The shipped FERNet, in eval mode, with its metadata as `model.metadata` (classes in output
     order, input size, width, accuracies, the training command, the fercuda version)."""
@@ -81,8 +112,6 @@ def export_pretrained(run_dir, data, dest=PRETRAINED_FILE, batch_size: int | Non
     are measured here, on `data`'s PublicTest and PrivateTest images, in float32 with the fused
     and the plain network (both must agree, or nothing is written)."""
     import json
-    import os
-    import tempfile
 
     import fercuda
     from fercuda.data import load_faces
@@ -129,14 +158,9 @@ def export_pretrained(run_dir, data, dest=PRETRAINED_FILE, batch_size: int | Non
         "fercuda_version": fercuda.__version__,
         "torch_version": str(torch.__version__),  # a TorchVersion would not load with weights_only
     }
+    from fercuda.runfiles import save_checkpoint
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(meta, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_checkpoint(dest, meta)
     return {k: v for k, v in meta.items() if k != "model"}
