@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -74,9 +75,52 @@ at::Tensor as_layout(const at::Tensor& t, bool cl) {
   return cl ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
 }
 
+// The (C,) tensors are read and written with plain loops: a handful of ATen ops on them would
+// cost more than the kernels at the network's smaller shapes.
+
+// A (C,) tensor's values as double, whatever its floating dtype and stride.
+std::vector<double> values_of(const at::Tensor& t) {
+  std::vector<double> v(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "batch_norm_act", [&] {
+    const auto a = t.accessor<scalar_t, 1>();
+    for (int64_t i = 0; i < t.numel(); ++i) v[i] = static_cast<double>(a[i]);
+  });
+  return v;
+}
+
+// A new (C,) tensor of `opts` holding v.
+at::Tensor tensor_of(const std::vector<double>& v, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "batch_norm_act", [&] {
+    scalar_t* d = t.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) d[i] = static_cast<scalar_t>(v[i]);
+  });
+  return t;
+}
+
 template <typename T>
-at::Tensor widen(const at::Tensor& t) {
-  return t.to(c10::CppTypeToScalarType<T>::value).contiguous();
+std::vector<T> narrowed(const std::vector<double>& v) {
+  return std::vector<T>(v.begin(), v.end());
+}
+
+// (scale, shift) of a = x * scale + shift in T, computed in double.
+template <typename T>
+std::pair<std::vector<T>, std::vector<T>> affine_of(const std::vector<double>& weight, const std::vector<double>& bias,
+                                                    const std::vector<double>& mean,
+                                                    const std::vector<double>& invstd) {
+  std::vector<T> scale(weight.size()), shift(weight.size());
+  for (size_t c = 0; c < weight.size(); ++c) {
+    const auto a = bn_act::affine(weight[c], bias[c], mean[c], invstd[c]);
+    scale[c] = static_cast<T>(a.scale);
+    shift[c] = static_cast<T>(a.shift);
+  }
+  return {scale, shift};
+}
+
+std::vector<double> invstd_of(const std::vector<double>& var, double eps) {
+  std::vector<double> out(var.size());
+  for (size_t c = 0; c < var.size(); ++c) out[c] = 1.0 / std::sqrt(var[c] + eps);
+  return out;
 }
 
 // Part indices of channel c in merge order.
@@ -161,23 +205,6 @@ void apply(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const
   }
 }
 
-// (scale, shift) of a = x * scale + shift, (C,) in T, from weight, bias, mean and invstd.
-template <typename T>
-std::pair<at::Tensor, at::Tensor> affine_of(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
-                                            const at::Tensor& invstd) {
-  const at::Tensor w = widen<T>(weight), b = widen<T>(bias), mu = widen<T>(mean), is = widen<T>(invstd);
-  at::Tensor scale = at::empty_like(w), shift = at::empty_like(w);
-  const T *wd = w.const_data_ptr<T>(), *bd = b.const_data_ptr<T>(), *md = mu.const_data_ptr<T>(),
-          *id = is.const_data_ptr<T>();
-  T *sd = scale.mutable_data_ptr<T>(), *td = shift.mutable_data_ptr<T>();
-  for (int64_t c = 0; c < w.numel(); ++c) {
-    const auto a = bn_act::affine(wd[c], bd[c], md[c], id[c]);
-    sd[c] = a.scale;
-    td[c] = a.shift;
-  }
-  return {scale, shift};
-}
-
 #define FERCUDA_DISPATCH_BN_ACT(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
@@ -203,9 +230,9 @@ at::Tensor batch_norm_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
   const Layout l = layout_of(x, cl);
   FERCUDA_DISPATCH_BN_ACT(x.scalar_type(), "batch_norm_act", [&] {
     using T = acc_t<scalar_t>;
-    const at::Tensor invstd = at::rsqrt(running_var.to(at::kDouble) + eps);
-    auto [scale, shift] = affine_of<T>(weight, bias, running_mean, invstd);
-    apply<scalar_t, T>(x, residual, l, scale.const_data_ptr<T>(), shift.const_data_ptr<T>(), relu6, y);
+    auto [scale, shift] = affine_of<T>(values_of(weight), values_of(bias), values_of(running_mean),
+                                       invstd_of(values_of(running_var), eps));
+    apply<scalar_t, T>(x, residual, l, scale.data(), shift.data(), relu6, y);
   });
   return y;
 }
@@ -233,23 +260,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   c10::optional<at::Tensor> residual;
   if (residual_in.has_value()) residual = as_layout(*residual_in, cl);
   const Layout l = layout_of(x, cl);
-  at::Tensor batch_mean = at::empty({channels}, x.options().dtype(at::kDouble));
-  at::Tensor batch_var = at::empty({channels}, x.options().dtype(at::kDouble));  // biased
+  std::vector<double> batch_mean(channels), batch_var(channels);  // biased variance
   FERCUDA_DISPATCH_BN_ACT(x.scalar_type(), "batch_norm_act", [&] {
     using T = acc_t<scalar_t>;
-    batch_stats<scalar_t>(x, l, batch_mean.mutable_data_ptr<double>(), batch_var.mutable_data_ptr<double>());
-    auto [scale, shift] = affine_of<T>(weight, bias, batch_mean, at::rsqrt(batch_var + eps));
-    apply<scalar_t, T>(x, residual, l, scale.const_data_ptr<T>(), shift.const_data_ptr<T>(), relu6, y);
+    batch_stats<scalar_t>(x, l, batch_mean.data(), batch_var.data());
+    auto [scale, shift] = affine_of<T>(values_of(weight), values_of(bias), batch_mean, invstd_of(batch_var, eps));
+    apply<scalar_t, T>(x, residual, l, scale.data(), shift.data(), relu6, y);
   });
   // nn.BatchNorm2d: the running variance takes the unbiased estimate.
   const double count = static_cast<double>(l.positions());
   const double unbias = count / (count - 1.0);
-  at::Tensor new_mean = (running_mean.to(at::kDouble) * (1.0 - momentum) + batch_mean * momentum)
-                            .to(running_mean.scalar_type());
-  at::Tensor new_var = (running_var.to(at::kDouble) * (1.0 - momentum) + batch_var * (unbias * momentum))
-                           .to(running_var.scalar_type());
-  return {y, batch_mean.to(stats_opts.dtype()), at::rsqrt(batch_var + eps).to(stats_opts.dtype()), new_mean,
-          new_var};
+  std::vector<double> new_mean = values_of(running_mean), new_var = values_of(running_var);
+  for (int64_t c = 0; c < channels; ++c) {
+    new_mean[c] = new_mean[c] * (1.0 - momentum) + batch_mean[c] * momentum;
+    new_var[c] = new_var[c] * (1.0 - momentum) + batch_var[c] * (unbias * momentum);
+  }
+  return {y, tensor_of(batch_mean, stats_opts), tensor_of(invstd_of(batch_var, eps), stats_opts),
+          tensor_of(new_mean, running_mean.options()), tensor_of(new_var, running_var.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
@@ -267,13 +294,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
   }
   const at::Tensor g = as_layout(grad_out_in, cl);
   const Layout l = layout_of(x, cl);
-  at::Tensor sums = at::empty({2, channels}, x.options().dtype(at::kDouble));  // sum(ga), sum(ga * xhat)
+  std::vector<double> sums(2 * channels);  // sum(ga), then sum(ga * xhat)
+  const std::vector<double> mean_v = values_of(mean), invstd_v = values_of(invstd), weight_v = values_of(weight);
   FERCUDA_DISPATCH_BN_ACT(x.scalar_type(), "batch_norm_act", [&] {
     using T = acc_t<scalar_t>;
-    const at::Tensor mean_t = widen<T>(mean), invstd_t = widen<T>(invstd);
-    auto [scale_t, shift_t] = affine_of<T>(weight, bias, mean, invstd);
-    const T *mu = mean_t.const_data_ptr<T>(), *is = invstd_t.const_data_ptr<T>(),
-            *scale = scale_t.const_data_ptr<T>(), *shift = shift_t.const_data_ptr<T>();
+    const std::vector<T> mean_t = narrowed<T>(mean_v), invstd_t = narrowed<T>(invstd_v);
+    auto [scale_t, shift_t] = affine_of<T>(weight_v, values_of(bias), mean_v, invstd_v);
+    const T *mu = mean_t.data(), *is = invstd_t.data(), *scale = scale_t.data(), *shift = shift_t.data();
     const scalar_t* xd = x.const_data_ptr<scalar_t>();
     const scalar_t* gd = g.const_data_ptr<scalar_t>();
     scalar_t* gxd = grad_x.mutable_data_ptr<scalar_t>();
@@ -296,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
           }
         }
       });
-      double* sd = sums.mutable_data_ptr<double>();
+      double* sd = sums.data();
       at::parallel_for(0, l.c, 16, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           double s_g = 0, s_gx = 0;
@@ -310,10 +337,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
       });
       // Pass 2: grad_x.
       const double count = static_cast<double>(l.positions());
-      const at::Tensor w_t = widen<T>(weight);
-      const T* wd = w_t.const_data_ptr<T>();
       std::vector<bn_act::Backward<T>> k(l.c);
-      for (int64_t c = 0; c < l.c; ++c) k[c] = bn_act::backward_coeffs(wd[c], is[c], sd[c], sd[channels + c], count, training);
+      for (int64_t c = 0; c < l.c; ++c)
+        k[c] = bn_act::backward_coeffs(static_cast<T>(weight_v[c]), is[c], sd[c], sd[channels + c], count, training);
       if (l.cl) {
         std::vector<T> k_ga(l.c), k_xhat(l.c), k_one(l.c);
         for (int64_t c = 0; c < l.c; ++c) k_ga[c] = k[c].k_ga, k_xhat[c] = k[c].k_xhat, k_one[c] = k[c].k_one;
@@ -338,7 +364,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
       run(std::false_type{});
     }
   });
-  return {grad_x, sums[1].to(weight.scalar_type()), sums[0].to(bias.scalar_type())};
+  const std::vector<double> sum_ga(sums.begin(), sums.begin() + channels), sum_ga_xhat(sums.begin() + channels, sums.end());
+  return {grad_x, tensor_of(sum_ga_xhat, weight.options()), tensor_of(sum_ga, bias.options())};
 }
 
 }  // namespace
