@@ -499,3 +499,84 @@ def test_exception_mixed_devices():
     args[5] = args[5].to("meta")
     with pytest.raises(RuntimeError, match="arguments 'x' and 'residual' must be on the same device, got cpu and meta"):
         OPS.batch_norm_act(*args)
+
+
+# =============================================================================================
+# The module, fercuda.nn.ConvBNAct, and FERNet built on it
+# =============================================================================================
+
+
+@pytest.mark.parametrize(**KINDS_TWO)
+@pytest.mark.parametrize(**LAYOUTS)
+def test_module_matches_sequential_in_train_and_eval(channels_last, relu6, residual, rng):
+    import copy
+
+    import fercuda.nn as fnn
+
+    fmt = memory_format(channels_last)
+    module = fnn.ConvBNAct(5, 6, kernel_size=3, stride=2, relu6=relu6).to(memory_format=fmt)
+    with torch.no_grad():
+        module.bn.weight.uniform_(0.5, 2.0, generator=rng)
+        module.bn.bias.normal_(2.0, 2.0, generator=rng)
+    seq = copy.deepcopy(module).to_sequential()
+    assert list(module.state_dict()) == list(seq.state_dict())
+    x = torch.randn(3, 5, 9, 8, generator=rng).contiguous(memory_format=fmt)
+    res = torch.randn(3, 6, 5, 4, generator=rng) if residual else None
+    for training in (True, True, False):
+        module.train(training), seq.train(training)
+        x_a, x_b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = module(x_a, res)
+        expected = seq(x_b) + (0 if res is None else res)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        grad = torch.randn(got.shape, generator=rng)
+        got.backward(grad), expected.backward(grad)
+        torch.testing.assert_close(x_a.grad, x_b.grad, rtol=1e-4, atol=1e-5)
+        for name, p in module.named_parameters():
+            torch.testing.assert_close(p.grad, dict(seq.named_parameters())[name].grad, rtol=1e-4, atol=1e-4)
+            p.grad = None
+        seq.zero_grad()
+        for name, buf in module.named_buffers():
+            torch.testing.assert_close(buf, dict(seq.named_buffers())[name], rtol=1e-5, atol=1e-6)
+
+
+def test_module_eval_fold_follows_parameter_changes(rng):
+    """eval() reuses the folded weights between calls without gradients, and folds again after a
+    buffer changes in place or a state_dict is loaded."""
+    import fercuda.nn as fnn
+
+    module = fnn.ConvBNAct(4, 4, relu6=False).eval()
+    x = torch.randn(2, 4, 5, 5, generator=rng)
+    with torch.no_grad():
+        outputs = [module(x)]
+        module.bn.running_var.mul_(4.0)
+        outputs.append(module(x))
+        torch.testing.assert_close(outputs[-1], module.to_sequential().eval()(x), rtol=1e-5, atol=1e-5)
+        module.load_state_dict({k: v * 2 if v.is_floating_point() else v for k, v in module.state_dict().items()})
+        outputs.append(module(x))
+        torch.testing.assert_close(outputs[-1], module.to_sequential().eval()(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[1], outputs[2])
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fernet_fused_runs_batch_norm_act_in_training_and_no_batch_norm_in_eval(rng):
+    from fercuda.models import FERNet
+
+    model = FERNet(width_mult=0.25, fused=True)
+    x = torch.randn(2, 3, 48, 48, generator=rng)
+    with _OpNames() as ops:
+        model.train()(x)
+    assert "fercuda::batch_norm_act_train" in ops.names
+    assert not any("batch_norm" in name and not name.startswith("fercuda::") for name in ops.names), ops.names
+    with _OpNames() as ops, torch.no_grad():
+        model.eval()(x)
+    assert not any("batch_norm" in name for name in ops.names), ops.names
+    assert "fercuda::dwconv_bn_relu6" in ops.names
