@@ -260,16 +260,20 @@ def batch_norm_act(
     statistics; training=True with the batch statistics, and updates running_mean / running_var in
     place as nn.BatchNorm2d does with this momentum. Differentiable in both modes.
 
-    backend: None (the C++ kernel of x's device), "cpu" or "cuda". eps must be finite
+    backend: None (the C++ kernel of x's device), "cpu", "cuda" or "triton". eps must be finite
     and > 0, momentum in [0, 1] (or None when training=False, where it is unused).
     """
     op = "batch_norm_act"
     _checks.check_bn_act_entry(op, dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
                                         running_var=running_var, residual=residual), eps, momentum, training)
+    # The Triton ops have the C++ ops' contract (outputs, no mutation, fakes, autograd): only the op differs.
     if _backend(op, backend, x) == "triton":
-        raise ValueError(f"fercuda.{op}: backend='triton' has no kernels for this op yet; use None, 'cpu' or 'cuda'")
-    _check_device(op, x)
-    suffix = ""
+        from fercuda.triton import bn_act  # noqa: F401  (registers the Triton ops)
+
+        suffix = "_triton"
+    else:
+        _check_device(op, x)
+        suffix = ""
     if training:
         out, _, _, new_mean, new_var = getattr(torch.ops.fercuda, "batch_norm_act_train" + suffix)(
             x, weight, bias, running_mean, running_var, residual, bool(relu6), eps, momentum
