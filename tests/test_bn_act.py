@@ -598,3 +598,215 @@ def test_fernet_fused_runs_batch_norm_act_in_training_and_no_batch_norm_in_eval(
         model.eval()(x)
     assert not any("batch_norm" in name for name in ops.names), ops.names
     assert "fercuda::dwconv_bn_relu6" in ops.names
+
+
+# =============================================================================================
+# The CUDA device code compiled for the CPU (tests/bn_act_cuda_emulated.cpp): the plans, the
+# multi-block reductions and their merges, both layouts, float16 / bfloat16 storage. Every
+# emulated CUDA thread is an OS thread and every barrier a rendezvous of 256 of them: small shapes.
+# =============================================================================================
+
+import ctypes  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+from cuda_emulation import build_emulation  # noqa: E402
+
+EMU_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+EMU_MOMENTUM = 0.3
+H200_SMS = 132
+_P, _F, _I, _L = ctypes.c_void_p, ctypes.c_double, ctypes.c_int, ctypes.c_int64
+_SIZES = [_L, _L, _L, _I, _I]  # n, c, positions, channels_last, relu6
+EMU_SIGNATURES = {
+    "emu_bn_act_plan": [_L, _L, _L, _I, _I, _L, _P],
+    "emu_bn_act_inference": [_I] + [_P] * 7 + _SIZES + [_F],
+    "emu_bn_act_train": [_I] + [_P] * 9 + _SIZES + [_F, _F, _I, _L],
+    "emu_bn_act_backward": [_I] + [_P] * 9 + _SIZES + [_I, _I, _L],
+}
+
+
+@pytest.fixture(scope="module")
+def bn_act_emulation(tmp_path_factory):
+    torch_include = Path(torch.__file__).parent / "include"
+    dll = build_emulation(tmp_path_factory, "bn_act_cuda_emulated.cpp", opt="-O1", includes=[torch_include])
+    for name, argtypes in EMU_SIGNATURES.items():
+        getattr(dll, name).argtypes = argtypes
+    dll.emu_last_error.restype = ctypes.c_char_p
+    return dll
+
+
+@pytest.fixture(params=["emulated"])
+def emu(request, bn_act_emulation):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield bn_act_emulation
+    torch.set_num_threads(threads)
+
+
+class EmuCase(NamedTuple):
+    shape: tuple
+    channels_last: bool
+    sm_count: int = H200_SMS
+    min_chunk: int = 0  # the plan's least chunk (0: the op's)
+    splits: int = 1
+
+    @property
+    def id(self):
+        extra = f"-chunk{self.min_chunk}" if self.min_chunk else ""
+        return f"{shape_id(self.shape)}-{'cl' if self.channels_last else 'nchw'}{extra}"
+
+
+# One channel; channels_last with fewer channels than a block's 32 and with 37 (a full group and a
+# partial one); chunks forced small so that the merge of several splits runs.
+EMU_CASES = [
+    EmuCase((2, 3, 5, 7), False),
+    EmuCase((2, 1, 1, 1), False),
+    EmuCase((2, 2, 9, 13), False, sm_count=1, min_chunk=50, splits=4),
+    EmuCase((2, 3, 5, 7), True, splits=3),
+    EmuCase((3, 37, 3, 4), True, min_chunk=7, splits=6),
+    EmuCase((2, 5, 6, 7), True, min_chunk=3, splits=28),
+]
+EMU_IDS = [case.id for case in EMU_CASES]
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _emu_sizes(x, channels_last, relu6):
+    n, c, h, w = x.shape
+    return [n, c, h * w, int(channels_last), int(relu6)]
+
+
+def _poisoned(shape, dtype, channels_last=False):
+    return torch.full(shape, float("nan"), dtype=dtype).contiguous(memory_format=memory_format(channels_last))
+
+
+def _f32(t):
+    return t.float().contiguous()
+
+
+def emulated_inference(emu, inputs, channels_last, relu6):
+    x, w, b, rm, rv, res = inputs
+    y = _poisoned(x.shape, x.dtype, channels_last)
+    fmt = memory_format(channels_last)
+    xs = x.contiguous(memory_format=fmt)
+    rs = None if res is None else res.contiguous(memory_format=fmt)
+    args = [_f32(w), _f32(b), _f32(rm), _f32(rv)]
+    rc = emu.emu_bn_act_inference(EMU_DTYPE_CODES[x.dtype], _ptr(xs), _ptr(rs), *map(_ptr, args), _ptr(y),
+                                  *_emu_sizes(x, channels_last, relu6), 1e-5)
+    assert rc == 0, emu.emu_last_error().decode()
+    return y
+
+
+def emulated_train(emu, inputs, case, relu6):
+    x, w, b, rm, rv, res = inputs
+    c = x.shape[1]
+    fmt = memory_format(case.channels_last)
+    xs = x.contiguous(memory_format=fmt)
+    rs = None if res is None else res.contiguous(memory_format=fmt)
+    y = _poisoned(x.shape, x.dtype, case.channels_last)
+    save_mean, save_invstd = _poisoned((c,), torch.float32), _poisoned((c,), torch.float32)
+    new_mean, new_var = rm.float().clone(), rv.float().clone()
+    keep = [_f32(w), _f32(b)]
+    rc = emu.emu_bn_act_train(EMU_DTYPE_CODES[x.dtype], _ptr(xs), _ptr(rs), *map(_ptr, keep), _ptr(new_mean),
+                              _ptr(new_var), _ptr(y), _ptr(save_mean), _ptr(save_invstd),
+                              *_emu_sizes(x, case.channels_last, relu6), 1e-5, EMU_MOMENTUM, case.sm_count,
+                              case.min_chunk)
+    assert rc == 0, emu.emu_last_error().decode()
+    return y, save_mean, save_invstd, new_mean, new_var
+
+
+def emulated_backward(emu, grad_out, inputs, mean, invstd, case, relu6, training):
+    x, w, b = inputs[:3]
+    c = x.shape[1]
+    fmt = memory_format(case.channels_last)
+    gx = _poisoned(x.shape, x.dtype, case.channels_last)
+    gw, gb = _poisoned((c,), torch.float32), _poisoned((c,), torch.float32)
+    keep = [grad_out.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), _f32(w), _f32(b), _f32(mean),
+            _f32(invstd)]
+    rc = emu.emu_bn_act_backward(EMU_DTYPE_CODES[x.dtype], *map(_ptr, keep), _ptr(gx), _ptr(gw), _ptr(gb),
+                                 *_emu_sizes(x, case.channels_last, relu6), int(training), case.sm_count,
+                                 case.min_chunk)
+    assert rc == 0, emu.emu_last_error().decode()
+    return gx, gw, gb
+
+
+def emu_plan(emu, case):
+    n, c, h, w = case.shape
+    out = torch.zeros(3, dtype=torch.int64)
+    emu.emu_bn_act_plan(n, c, h * w, int(case.channels_last), case.sm_count, case.min_chunk, _ptr(out))
+    return out.tolist()
+
+
+def _emu_inputs(rng, case, dtype=torch.float32, residual=True):
+    n, c, h, w = case.shape
+    return sample_inputs("cpu", dtype, rng, n=n, c=c, h=h, w=w, channels_last=case.channels_last, residual=residual,
+                         bn_dtype=torch.float32 if dtype != torch.float32 else None)
+
+
+@pytest.mark.parametrize(**KINDS_TWO)
+@pytest.mark.parametrize("case", EMU_CASES, ids=EMU_IDS)
+def test_emulated_training_forward_and_inference(emu, rng, case, relu6, residual):
+    assert emu_plan(emu, case)[1] == case.splits
+    inputs = _emu_inputs(rng, case, residual=residual)
+    x, w, b, rm, rv, res = inputs
+    assert_close_fp32(emulated_inference(emu, inputs, case.channels_last, relu6), reference(*inputs, relu6=relu6))
+    y, save_mean, save_invstd, new_mean, new_var = emulated_train(emu, inputs, case, relu6)
+    ref_mean, ref_var = rm.double().clone(), rv.double().clone()
+    assert_close_fp32(y, reference(x, w, b, ref_mean, ref_var, res, relu6=relu6, training=True,
+                                   momentum=EMU_MOMENTUM))
+    x64 = x.double()
+    assert_close_fp32(save_mean, x64.mean((0, 2, 3)), scale=float(x64.abs().max()))
+    assert_close_fp32(save_invstd, torch.rsqrt(x64.var((0, 2, 3), unbiased=False) + 1e-5))
+    assert_close_fp32(new_mean, ref_mean)
+    assert_close_fp32(new_var, ref_var)
+
+
+@pytest.mark.parametrize(**ACTS)
+@pytest.mark.parametrize("training", (True, False), ids=("batch_stats", "frozen_bn"))
+@pytest.mark.parametrize("case", EMU_CASES, ids=EMU_IDS)
+def test_emulated_backward(emu, rng, case, training, relu6):
+    inputs = _emu_inputs(rng, case, residual=False)
+    x, w, b, rm, rv, _ = inputs
+    if training:
+        x64 = x.double()
+        mean, invstd = x64.mean((0, 2, 3)), torch.rsqrt(x64.var((0, 2, 3), unbiased=False) + 1e-5)
+    else:
+        mean, invstd = rm, torch.rsqrt(rv.double() + 1e-5)
+    grad_out = torch.randn(x.shape, generator=rng)
+    grad_out = off_the_kinks(grad_out, inputs, training=training) if relu6 else grad_out
+    grads = emulated_backward(emu, grad_out, inputs, mean, invstd, case, relu6, training)
+    expected, terms = float64_gradients(inputs, grad_out, relu6=relu6, training=training)
+    assert_grads_close_fp32(GRAD_NAMES, grads, expected, terms)
+
+
+@pytest.mark.parametrize(**LAYOUTS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_emulated_low_precision(emu, rng, dtype, channels_last):
+    """float16 and bfloat16 storage: x, residual and the outputs in the dtype, float32 inside."""
+    case = EmuCase((2, 5, 6, 7), channels_last)
+    inputs = _emu_inputs(rng, case, dtype)
+    x, w, b, rm, rv, res = inputs
+    eager_args = (x, w, b, rm.clone(), rv.clone(), res)
+    assert_within_twice_eager(emulated_inference(emu, inputs, channels_last, True), reference(*inputs),
+                              reference(*eager_args, dtype=dtype, bn_dtype=torch.float32), "inference")
+    y, save_mean, save_invstd, _, _ = emulated_train(emu, inputs, case, True)
+    expected = reference(x, w, b, rm.double().clone(), rv.double().clone(), res, training=True, momentum=EMU_MOMENTUM)
+    eager = reference(x, w, b, rm.clone(), rv.clone(), res, training=True, momentum=EMU_MOMENTUM, dtype=dtype,
+                      bn_dtype=torch.float32)
+    assert_within_twice_eager(y, expected, eager, "training")
+    grad_out = off_the_kinks(torch.randn(x.shape, generator=rng).to(dtype), inputs, training=True)
+    gx, gw, gb = emulated_backward(emu, grad_out, inputs, save_mean, save_invstd, case, True, True)
+    exp, terms = float64_gradients(inputs, grad_out, training=True)
+    eager_grads = eager_gradients(inputs, grad_out, dtype, training=True, bn_dtype=torch.float32)
+    assert_within_twice_eager(gx, exp[0], eager_grads[0], "x")
+    assert_grads_close_fp32(GRAD_NAMES[1:], [gw, gb], exp[1:], terms[1:])
+
+
+def test_emulated_network_plan(emu):
+    """FERNet's first pointwise output on an H200: enough blocks to fill it several times."""
+    groups, splits, chunk = emu_plan(emu, EmuCase((64, 128, 48, 48), True))
+    assert groups == 4 and groups * splits >= 8 * H200_SMS and chunk * splits >= 64 * 48 * 48
+    groups, splits, chunk = emu_plan(emu, EmuCase((64, 768, 6, 6), False))
+    assert groups == 768 and splits == 2 and chunk * splits >= 64 * 36
