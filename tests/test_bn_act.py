@@ -519,6 +519,24 @@ def test_exception_mixed_devices():
         OPS.batch_norm_act(*args)
 
 
+def test_cuda_build_registers_kernels():
+    from fercuda import _build_info
+
+    if not _build_info.WITH_CUDA:
+        pytest.skip("fercuda._C was built without CUDA kernels (USE_CUDA=0 or no toolkit)")
+    for name in ("batch_norm_act", "batch_norm_act_train", "batch_norm_act_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fercuda::{name}", "CUDA"), f"{name}: no CUDA kernel"
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_exception_residual_on_another_device(backend, rng):
+    inputs = list(sample_inputs("cuda", torch.float32, rng))
+    inputs[5] = inputs[5].cpu()
+    with pytest.raises(RuntimeError, match="arguments 'x' and 'residual' must be on the same device"):
+        op(backend)(*inputs, True, 1e-5)
+
+
 # =============================================================================================
 # The module, fercuda.nn.ConvBNAct, and FERNet built on it
 # =============================================================================================
