@@ -25,7 +25,7 @@ from fercuda import _build_info  # noqa: E402
 from fercuda.compare import emit, median_ms  # noqa: E402
 from fercuda.compare.dwconv import assert_still_compiled, block_inputs, compile_block, eager_block  # noqa: E402
 from gpu_cases import DTYPE, LAYOUTS, SHAPE_IDS, SHAPES  # noqa: E402
-from fercuda.triton import dwconv as triton_dwconv  # noqa: E402
+from fercuda.ops import dwconv_bn_relu6  # noqa: E402
 
 if not _build_info.WITH_CUDA:
     pytest.skip("fercuda._C was built without its CUDA kernels", allow_module_level=True)
@@ -106,7 +106,7 @@ def test_training_forward_backward(benchmark, shape, channels_last):
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias, bn_weight, bn_bias)]
 
     def fused_triton():
-        out = triton_dwconv.dwconv_bn_relu6(*leaves, running_mean, running_var, training=True)
+        out = dwconv_bn_relu6(*leaves, running_mean, running_var, training=True, backend="triton")
         return torch.autograd.grad(out, leaves, grad_out)
 
     def eager():

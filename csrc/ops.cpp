@@ -106,4 +106,27 @@ TORCH_LIBRARY(fercuda, m) {
       "dwconv_bn_relu6_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, "
       "Tensor bn_bias, Tensor mean, Tensor invstd, int stride, int padding, bool training) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- BatchNorm + ReLU6 (relu6=False: no activation) + an optional residual added, what follows
+  // a conv: y = act(batch_norm(x)) + residual. x: (N, C, H, W), NCHW or channels_last (y keeps
+  // it); weight, bias, running_*: (C,); residual: x's shape and dtype. float32, float16, bfloat16
+  // (float32 accumulation; weight, bias and the statistics may be float32 when x is half
+  // precision), float64 on the CPU.
+  // Inference: BatchNorm with the running statistics, one pass.
+  m.def(
+      "batch_norm_act(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
+      "Tensor? residual=None, bool relu6=True, float eps=1e-5) -> Tensor");
+  // Training: batch statistics, two passes (statistics; normalize, activation, add). Returns
+  // (out, save_mean, save_invstd, new_running_mean, new_running_var) as dwconv_bn_relu6_train does:
+  // functional, fercuda.ops.batch_norm_act copies the new statistics into the buffers.
+  m.def(
+      "batch_norm_act_train(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
+      "Tensor? residual=None, bool relu6=True, float eps=1e-5, float momentum=0.1) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients (x, weight, bias) from grad_out (the residual's is grad_out itself). training=True:
+  // mean / invstd are the saved batch statistics and flow into grad_x; training=False: the running
+  // statistics (invstd = 1/sqrt(running_var + eps)), constants.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean, "
+      "Tensor invstd, bool relu6, bool training) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,4 +1,5 @@
-"""Autograd of the fused depthwise conv + BatchNorm + ReLU6 ops.
+"""Autograd of the fused depthwise conv + BatchNorm + ReLU6 ops and of the BatchNorm + activation
++ residual add ops.
 
 The backward is itself a registered op (fercuda::dwconv_bn_relu6_backward), so
 torch.compile traces it like any other op instead of falling back to eager. The Triton ops
@@ -67,3 +68,58 @@ def register_dwconv_autograd(suffix):
 
 
 register_dwconv_autograd("")
+
+
+# ---- BatchNorm + ReLU6 (or identity) + residual add ------------------------------------------
+
+
+def _bn_act_grads(ctx, grad_out, grads):
+    grad_x, grad_w, grad_b = grads
+    # y = act(batch_norm(x)) + residual: the residual's gradient is grad_out.
+    return grad_x, grad_w, grad_b, None, None, (grad_out if ctx.has_residual else None), None
+
+
+def _bn_act_train_setup_context(ctx, inputs, output):
+    x, weight, bias, _running_mean, _running_var, residual, relu6, _eps, _momentum = inputs
+    _out, save_mean, save_invstd, _new_mean, _new_var = output
+    ctx.has_residual = residual is not None
+    ctx.relu6 = relu6
+    ctx.save_for_backward(x, weight, bias, save_mean, save_invstd)
+
+
+def _bn_act_train_backward(backward_op, ctx, grad_out, *_grad_statistics):
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    grads = backward_op(grad_out, x, weight, bias, mean, invstd, ctx.relu6, True)
+    # eps and momentum are not differentiated.
+    return (*_bn_act_grads(ctx, grad_out, grads), None, None)
+
+
+def _bn_act_eval_setup_context(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, residual, relu6, eps = inputs
+    ctx.has_residual = residual is not None
+    ctx.relu6, ctx.eps = relu6, eps
+    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+
+
+def _bn_act_eval_backward(backward_op, ctx, grad_out):
+    x, weight, bias, running_mean, running_var = ctx.saved_tensors
+    # Frozen BatchNorm: the running statistics are constants of the graph.
+    mean = running_mean.to(_stats_dtype(running_mean))
+    invstd = torch.rsqrt(running_var.to(_stats_dtype(running_var)) + ctx.eps)
+    grads = backward_op(grad_out, x, weight, bias, mean, invstd, ctx.relu6, False)
+    return (*_bn_act_grads(ctx, grad_out, grads), None)
+
+
+def register_bn_act_autograd(suffix):
+    """Autograd of fercuda::batch_norm_act{suffix} and _train{suffix}, whose backward is
+    fercuda::batch_norm_act_backward{suffix}."""
+    backward_op = getattr(torch.ops.fercuda, f"batch_norm_act_backward{suffix}")
+    torch.library.register_autograd(f"fercuda::batch_norm_act_train{suffix}",
+                                    functools.partial(_bn_act_train_backward, backward_op),
+                                    setup_context=_bn_act_train_setup_context)
+    torch.library.register_autograd(f"fercuda::batch_norm_act{suffix}",
+                                    functools.partial(_bn_act_eval_backward, backward_op),
+                                    setup_context=_bn_act_eval_setup_context)
+
+
+register_bn_act_autograd("")

@@ -290,3 +290,75 @@ def check_dwconv_batch_stats(op, n, c, h_out, w_out):
             lambda: f"fercuda.{op}: Expected more than 1 value per channel when training, got input size "
             f"[{n}, {c}, {h_out}, {w_out}]",
         )
+
+
+# ---- BatchNorm + ReLU6 (or identity) + residual add ----------------------------------------
+# Mirrors check_bn_act_args / check_bn_act_grad_out in csrc/include/fercuda/checks.h.
+
+
+def check_bn_act_args(op, x, weight, bias, mean, var, residual, allow_double=None, mean_arg="running_mean",
+                      var_arg="running_var"):
+    """The arguments every batch_norm_act op shares (allow_double None: float64 on the CPU, where
+    the C++ kernels take it)."""
+    _check(
+        x.dim() == 4,
+        lambda: f"fercuda.{op}: argument 'x' must be a 4-D (N, C, H, W) tensor, got a {x.dim()}-D tensor of "
+        f"shape {shape_str(x)}",
+    )
+    if allow_double is None:
+        allow_double = x.device.type == "cpu"
+    kinds = "Float, Double, Half or BFloat16" if allow_double else "Float, Half or BFloat16"
+    _check(
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16) or (allow_double and x.dtype == torch.float64),
+        lambda: f"fercuda.{op}: argument 'x' must be a {kinds} tensor, got {dtype_name(x.dtype)}",
+    )
+    c = x.shape[1]
+    half = x.dtype != torch.float32
+    check_dwconv_channel_arg(op, weight, "weight", x, c, half)
+    check_dwconv_channel_arg(op, bias, "bias", x, c, half)
+    check_dwconv_channel_arg(op, mean, mean_arg, x, c, True)
+    check_dwconv_channel_arg(op, var, var_arg, x, c, True)
+    if residual is not None:
+        _check(
+            residual.shape == x.shape,
+            lambda: f"fercuda.{op}: argument 'residual' must have the shape of x {shape_str(x)}, got "
+            f"{shape_str(residual)}",
+        )
+        _check(
+            residual.device == x.device,
+            lambda: f"fercuda.{op}: arguments 'x' and 'residual' must be on the same device, got {x.device} and "
+            f"{residual.device}",
+        )
+        _check(
+            residual.dtype == x.dtype,
+            lambda: f"fercuda.{op}: argument 'residual' must be a {dtype_name(x.dtype)} tensor like x, got "
+            f"{dtype_name(residual.dtype)}",
+        )
+
+
+def check_bn_act_grad_out(op, grad_out, x):
+    _check(
+        grad_out.shape == x.shape,
+        lambda: f"fercuda.{op}: argument 'grad_out' must have the shape of x {shape_str(x)}, got "
+        f"{shape_str(grad_out)}",
+    )
+    check_like_x(grad_out, "grad_out", x, op)
+
+
+def check_bn_act_batch_stats(op, n, c, h, w):
+    """Two values per channel for batch statistics: a ValueError, as nn.BatchNorm2d raises."""
+    if n * c * h * w != 0:
+        _check_value(
+            n * h * w > 1,
+            lambda: f"fercuda.{op}: Expected more than 1 value per channel when training, got input size "
+            f"[{n}, {c}, {h}, {w}]",
+        )
+
+
+def check_bn_act_entry(op, tensors, eps, momentum, training):
+    """The public entry point's Python types: tensors (no numpy arrays, which the registered op would
+    refuse with the dispatcher's words), eps and momentum as check_dwconv_eps_momentum takes them."""
+    for arg, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"fercuda.{op}: argument '{arg}' must be a torch.Tensor, got {_type_name(t)}")
+    check_dwconv_eps_momentum(op, eps, momentum, training)

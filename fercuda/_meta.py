@@ -8,6 +8,9 @@ import functools
 import torch
 
 from fercuda._checks import (
+    check_bn_act_args,
+    check_bn_act_batch_stats,
+    check_bn_act_grad_out,
     check_dtype,
     check_dwconv_batch_stats,
     check_dwconv_eps,
@@ -134,5 +137,54 @@ def register_dwconv_fakes(suffix, allow_double):
     for name, fake in (("dwconv_bn_relu6", _dwconv_bn_relu6_fake),
                        ("dwconv_bn_relu6_train", _dwconv_bn_relu6_train_fake),
                        ("dwconv_bn_relu6_backward", _dwconv_bn_relu6_backward_fake)):
+        torch.library.register_fake(f"fercuda::{name}{suffix}",
+                                    functools.partial(fake, op=name + suffix, allow_double=allow_double))
+
+
+# ---- BatchNorm + ReLU6 (or identity) + residual add -----------------------------------------
+# The checks mirror check_bn_act_args in csrc/include/fercuda/checks.h; the outputs keep x's
+# layout by the fused block's rule. One set serves every backend (register_bn_act_fakes).
+
+
+@torch.library.register_fake("fercuda::batch_norm_act")
+def _batch_norm_act_fake(x, weight, bias, running_mean, running_var, residual=None, relu6=True, eps=1e-5, *,
+                         op="batch_norm_act", allow_double=None):
+    check_bn_act_args(op, x, weight, bias, running_mean, running_var, residual, allow_double)
+    check_dwconv_eps(op, eps)
+    return _dwconv_empty(x, tuple(x.shape))
+
+
+@torch.library.register_fake("fercuda::batch_norm_act_train")
+def _batch_norm_act_train_fake(x, weight, bias, running_mean, running_var, residual=None, relu6=True, eps=1e-5,
+                               momentum=0.1, *, op="batch_norm_act_train", allow_double=None):
+    check_bn_act_args(op, x, weight, bias, running_mean, running_var, residual, allow_double)
+    check_dwconv_eps(op, eps)
+    check_dwconv_momentum(op, momentum)
+    n, c, h, w = x.shape
+    check_bn_act_batch_stats(op, n, c, h, w)
+    stats = x.new_empty((c,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return (
+        _dwconv_empty(x, (n, c, h, w)),
+        stats,
+        stats.new_empty((c,)),
+        running_mean.new_empty((c,)),
+        running_var.new_empty((c,)),
+    )
+
+
+@torch.library.register_fake("fercuda::batch_norm_act_backward")
+def _batch_norm_act_backward_fake(grad_out, x, weight, bias, mean, invstd, relu6, training, *,
+                                  op="batch_norm_act_backward", allow_double=None):
+    check_bn_act_args(op, x, weight, bias, mean, invstd, None, allow_double, "mean", "invstd")
+    check_bn_act_grad_out(op, grad_out, x)
+    c = x.shape[1]
+    return _dwconv_empty(x, tuple(x.shape)), weight.new_empty((c,)), bias.new_empty((c,))
+
+
+def register_bn_act_fakes(suffix, allow_double):
+    """The fakes above for fercuda::batch_norm_act{suffix}, _train{suffix} and _backward{suffix}."""
+    for name, fake in (("batch_norm_act", _batch_norm_act_fake),
+                       ("batch_norm_act_train", _batch_norm_act_train_fake),
+                       ("batch_norm_act_backward", _batch_norm_act_backward_fake)):
         torch.library.register_fake(f"fercuda::{name}{suffix}",
                                     functools.partial(fake, op=name + suffix, allow_double=allow_double))

@@ -235,3 +235,56 @@ def dwconv_bn_relu6(
     return getattr(torch.ops.fercuda, "dwconv_bn_relu6" + suffix)(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, eps
     )
+
+
+# ==== BatchNorm + ReLU6 (or identity) + residual add ===================================
+
+
+def batch_norm_act(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    residual=None,
+    *,
+    relu6=True,
+    eps=1e-5,
+    momentum=0.1,
+    training=False,
+    backend=None,
+):
+    """``relu6(batch_norm(x)) + residual`` in one op: what follows a conv.
+
+    x is (N, C, H, W), NCHW-contiguous or channels_last (the output keeps the format); weight,
+    bias, running_mean, running_var (C,), float32 allowed when x is float16 / bfloat16; residual
+    None or a tensor of x's shape and dtype, added after the activation. relu6=False leaves the
+    activation out (BatchNorm, then the add). training=False normalizes with the running
+    statistics; training=True with the batch statistics, and updates running_mean / running_var in
+    place as nn.BatchNorm2d does with this momentum. Differentiable in both modes.
+
+    backend: None (the C++ kernel of x's device), "cpu", "cuda" or "triton". eps must be finite
+    and > 0, momentum in [0, 1] (or None when training=False, where it is unused).
+    """
+    op = "batch_norm_act"
+    _checks.check_bn_act_entry(op, dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
+                                        running_var=running_var, residual=residual), eps, momentum, training)
+    # The Triton ops have the C++ ops' contract (outputs, no mutation, fakes, autograd): only the op differs.
+    if _backend(op, backend, x) == "triton":
+        from fercuda.triton import bn_act  # noqa: F401  (registers the Triton ops)
+
+        suffix = "_triton"
+    else:
+        _check_device(op, x)
+        suffix = ""
+    if training:
+        out, _, _, new_mean, new_var = getattr(torch.ops.fercuda, "batch_norm_act_train" + suffix)(
+            x, weight, bias, running_mean, running_var, residual, bool(relu6), eps, momentum
+        )
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+        return out
+    return getattr(torch.ops.fercuda, "batch_norm_act" + suffix)(
+        x, weight, bias, running_mean, running_var, residual, bool(relu6), eps
+    )

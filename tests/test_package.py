@@ -30,3 +30,19 @@ def test_build_info_matches_the_registered_kernels():
     assert has_cuda_kernel == bool(_build_info.WITH_CUDA) == fercuda.cuda_kernels_built()
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fercuda::canny", "CPU")
     assert _build_info.TORCH_VERSION == torch.__version__
+
+
+def test_triton_modules_launch_kernels_and_import_no_entry_point():
+    """Kernels below, entry points above: fercuda.ops imports the Triton modules, never the reverse."""
+    import ast
+
+    for path in (Path(fercuda.__file__).parent / "triton").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n in ("fercuda.ops", "fercuda.nn") or n.startswith("fercuda.models") for n in names), (
+                f"{path.name} imports {names}")

@@ -58,9 +58,9 @@ def test_kernel_compiles_within_shared_memory_without_spills(job, compiled, reco
 
 def test_every_kernel_is_enumerated():
     """Each @triton.jit kernel of the ops' modules has variants: a new kernel cannot go unchecked."""
-    from fercuda.triton import canny, dwconv
+    from fercuda.triton import bn_act, canny, dwconv
 
-    kernels = {(module.__name__.rsplit(".", 1)[1], name) for module in (canny, dwconv)
+    kernels = {(module.__name__.rsplit(".", 1)[1], name) for module in (canny, dwconv, bn_act)
                for name in dir(module) if name.endswith("_kernel")}
     assert kernels == {(v.module, v.kernel) for v in VARIANTS}
 
@@ -121,10 +121,10 @@ def _matches(variant, launch, interpreted):
 @pytest.fixture
 def launches():
     """Every kernel launch made inside, as (kernel name, {argument: (type, value)})."""
-    from fercuda.triton import canny, dwconv
+    from fercuda.triton import bn_act, canny, dwconv
 
     seen, hooked = [], []
-    for module in (canny, dwconv):
+    for module in (canny, dwconv, bn_act):
         for name in dir(module):
             fn = getattr(module, name)
             if name.endswith("_kernel") and hasattr(fn, "add_pre_run_hook"):
@@ -146,6 +146,7 @@ def test_enumeration_holds_every_launch(launches, rng):
     the strides it takes as 1 and its constexprs (but the block sizes, smaller in the
     interpreter): what the kernels' launch sites pass and what the enumeration compiles agree."""
     import fercuda.ops as F
+    from bn_act_cases import sample_inputs as bn_act_inputs
     from dwconv_cases import sample_inputs
     from canny_reference import smooth_random
 
@@ -159,6 +160,14 @@ def test_enumeration_holds_every_launch(launches, rng):
         leaves = [t.requires_grad_() if t is not None and i < 5 else t for i, t in enumerate(inputs)]
         F.dwconv_bn_relu6(*leaves, stride=stride, backend="triton").sum().backward()
         F.dwconv_bn_relu6(*leaves, stride=stride, training=True, backend="triton").sum().backward()
+    for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, True)):
+        x, weight, bias, rm, rv, res = bn_act_inputs(DEVICE, dtype, rng, n=2, c=3, h=5, w=6,
+                                                     channels_last=channels_last, bn_dtype=torch.float32)
+        leaves = [t.requires_grad_() for t in (x, weight, bias)]
+        for relu6, residual in ((True, None), (False, res)):
+            for training in (False, True):
+                F.batch_norm_act(*leaves, rm, rv, residual, relu6=relu6, training=training,
+                                 backend="triton").sum().backward()
     by_kernel = {}
     for v in VARIANTS:
         by_kernel.setdefault(v.kernel, []).append(v)

@@ -50,6 +50,30 @@ class ConvBNReLU6(nn.Sequential):
         )
 
 
+def conv_bn(in_channels: int, out_channels: int, fused: bool, kernel_size: int = 1, stride: int = 1,
+            relu6: bool = False) -> nn.Module:
+    """Conv (no bias) + BatchNorm (+ ReLU6). Both variants hold the same state_dict keys ("0.weight",
+    "1.weight", "1.bias", "1.running_mean", ...); the fused one (fercuda.nn.ConvBNAct) also takes the
+    residual to add after them, forward(x, residual)."""
+    if fused:
+        from fercuda.nn import ConvBNAct
+
+        return ConvBNAct(in_channels, out_channels, kernel_size, stride, relu6=relu6)
+    if relu6:
+        return ConvBNReLU6(in_channels, out_channels, kernel_size, stride)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+def add_residual(block: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """block(x) + residual, the add inside the block's op where the block is fused."""
+    if isinstance(block, nn.Sequential):
+        return block(x) + residual
+    return block(x, residual)
+
+
 class SeparableConv(nn.Module):
     """Pointwise 1x1 first, then depthwise 3x3 (Fig. 6). No BatchNorm or nonlinearity between
     the two, as the paper prescribes; the depthwise conv is followed by BN + ReLU6 (Fig. 7)."""
@@ -75,13 +99,10 @@ class ResidualModule1(nn.Module):
             # padding 1 as Xception's "same" pooling: 48 -> 24 -> 12 -> 6 as in Table 2.
             nn.MaxPool2d(3, stride=2, padding=1),
         )
-        self.shortcut = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1, stride=2, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
+        self.shortcut = conv_bn(in_channels, out_channels, fused, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) + self.shortcut(x)
+        return add_residual(self.shortcut, x, self.body(x))
 
 
 class ResidualModule2(nn.Module):
@@ -97,13 +118,12 @@ class ResidualModule2(nn.Module):
         if in_channels == out_channels:
             self.shortcut = nn.Identity()
         else:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+            self.shortcut = conv_bn(in_channels, out_channels, fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) + self.shortcut(x)
+        if isinstance(self.shortcut, nn.Identity):
+            return self.body(x) + x
+        return add_residual(self.shortcut, x, self.body(x))
 
 
 class InvertedResidual(nn.Module):
@@ -115,16 +135,13 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = in_channels * expansion
         self.use_shortcut = in_channels == out_channels
-        self.expand = ConvBNReLU6(in_channels, hidden, kernel_size=1)
+        self.expand = conv_bn(in_channels, hidden, fused, relu6=True)
         self.depthwise = depthwise_bn_relu6(hidden, 1, fused)
-        self.project = nn.Sequential(
-            nn.Conv2d(hidden, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
+        self.project = conv_bn(hidden, out_channels, fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.depthwise(self.expand(x)))
-        return x + y if self.use_shortcut else y
+        h = self.depthwise(self.expand(x))
+        return add_residual(self.project, h, x) if self.use_shortcut else self.project(h)
 
 
 class FERNet(nn.Module):
@@ -133,7 +150,8 @@ class FERNet(nn.Module):
 
     width_mult scales every hidden channel count (the paper's alpha), rounded to a multiple of 8
     as MobileNetV2 does; at width_mult = 1 the counts are Table 2's, unrounded. fused=True builds each depthwise conv + BN + ReLU6 as
-    fercuda.nn.DWConvBNReLU6; fused=False from plain PyTorch layers, with identical state_dict
+    fercuda.nn.DWConvBNReLU6 and every other conv + BN (+ ReLU6) (+ the residual add after it) as
+    fercuda.nn.ConvBNAct; fused=False from plain PyTorch layers, with identical state_dict
     keys, so one checkpoint loads into either.
     """
 
@@ -156,8 +174,8 @@ class FERNet(nn.Module):
 
         c32, c64, c128, c256, c364, c512, c728 = (c(n) for n in (32, 64, 128, 256, 364, 512, 728))
         self.features = nn.Sequential(
-            ConvBNReLU6(in_channels, c32),
-            ConvBNReLU6(c32, c64),
+            conv_bn(in_channels, c32, fused, kernel_size=3, relu6=True),
+            conv_bn(c32, c64, fused, kernel_size=3, relu6=True),
             ResidualModule1(c64, c128, fused),
             InvertedResidual(c128, c256, fused),
             InvertedResidual(c256, c256, fused),
@@ -204,10 +222,10 @@ def _conv_macs(module: nn.Module, output: torch.Tensor) -> int | None:
         weight = module.weight
     else:
         try:
-            from fercuda.nn import DWConvBNReLU6
+            from fercuda.nn import ConvBNAct, DWConvBNReLU6
         except ImportError:
             return None
-        if isinstance(module, DWConvBNReLU6):
+        if isinstance(module, (DWConvBNReLU6, ConvBNAct)):
             weight = module.state_dict()["0.weight"]
     if weight is None:
         return None
@@ -232,7 +250,7 @@ def complexity(model: nn.Module, image_size: int = 48) -> dict:
         if macs is not None:
             total_macs += macs
 
-    fused_blocks = [m for m in model.modules() if type(m).__name__ == "DWConvBNReLU6"]
+    fused_blocks = [m for m in model.modules() if type(m).__name__ in ("DWConvBNReLU6", "ConvBNAct")]
     # A fused block is counted as a whole; a Conv2d it may hold inside must not count twice.
     inside_fused = {id(sub) for block in fused_blocks for sub in block.modules() if sub is not block}
     handles = [block.register_forward_hook(hook) for block in fused_blocks]

@@ -15,6 +15,8 @@ Per-channel reductions are deterministic: every program writes its partial resul
 slot and the slots are summed in a fixed order.
 
 The kernels run on CUDA tensors and, with TRITON_INTERPRET=1 set before import, on CPU tensors.
+This module launches kernels only; fercuda.ops.dwconv_bn_relu6(..., backend="triton") is the entry
+point.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ import triton
 import triton.language as tl
 
 from fercuda import _autograd, _checks, _meta
-
-__all__ = ["dwconv_bn_relu6"]
 
 _OP = "dwconv_bn_relu6"
 
@@ -456,11 +456,3 @@ def dwconv_bn_relu6_backward_triton(
 _meta.register_dwconv_fakes("_triton", allow_double=False)
 _autograd.register_dwconv_autograd("_triton")
 
-
-def dwconv_bn_relu6(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=1,
-                    eps=1e-5, momentum=0.1, training=False):
-    """fercuda.ops.dwconv_bn_relu6 on the Triton kernels (backend="triton")."""
-    from fercuda import ops
-
-    return ops.dwconv_bn_relu6(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-                               padding=padding, eps=eps, momentum=momentum, training=training, backend="triton")

@@ -3,7 +3,7 @@ without a GPU.
 
 ``variants()`` is the one enumeration of the kernel specializations the ops launch on a GPU
 (constexprs, argument types, num_warps), read from the launch parameters of
-fercuda/triton/canny.py and fercuda/triton/dwconv.py; tests/test_triton_compile.py compiles
+fercuda/triton/canny.py, dwconv.py and bn_act.py; tests/test_triton_compile.py compiles
 them and this module's command prints the table:
 
     python -m fercuda.triton.resources            # markdown, one row per kernel and option set
@@ -54,7 +54,7 @@ class Variant:
     """One compiled form of a kernel: `args` is (name, type) in the kernel's argument order, type
     a Triton signature type ("*fp32", "i32", ...) or "constexpr"; `constexprs` their values."""
 
-    module: str  # "canny" or "dwconv", a module of fercuda.triton
+    module: str  # "canny", "dwconv" or "bn_act", a module of fercuda.triton
     kernel: str
     args: tuple
     constexprs: tuple
@@ -99,6 +99,8 @@ def _kernel_args(module, kernel):
 def _module(name):
     if name == "canny":
         from fercuda.triton import canny as module
+    elif name == "bn_act":
+        from fercuda.triton import bn_act as module
     else:
         from fercuda.triton import dwconv as module
     return module
@@ -206,10 +208,44 @@ def _dwconv_variants():
     return out
 
 
+def _bn_act_variants():
+    bn_act = _module("bn_act")
+    f32 = "*fp32"
+    warps = bn_act._NUM_WARPS
+    out = []
+    for dtype, channels_last, index_64 in itertools.product(_DTYPES, (False, True), (False, True)):
+        t = "*" + _DTYPES[dtype]
+        options = (("dtype", dtype), ("layout", "channels_last" if channels_last else "nchw"),
+                   ("index", "int64" if index_64 else "int32"))
+        count = "i64" if index_64 else "i32"
+        # The unit stride of the layout is the constant 1: s_p in NCHW, s_c in channels_last.
+        strides = dict(s_n="i32", **({"s_p": "i32"} if channels_last else {"s_c": "i32"}))
+        units = {"s_c": 1} if channels_last else {"s_p": 1}
+        block_p, block_c = bn_act._REDUCE_TILE["gpu"][channels_last]
+        for kind, relu6 in ((0, False), (1, False), (1, True)):
+            types = dict(part_ptr=f32, x_ptr=t, g_ptr=t, mean_ptr=f32, invstd_ptr=f32, scale_ptr=f32, shift_ptr=f32,
+                         C="i32", P="i32", positions=count, chunk=count, **strides)
+            out.append(_variant("bn_act", "_bn_act_reduce_kernel", types,
+                                dict(KIND=kind, RELU6=relu6, BLOCK_P=block_p, BLOCK_C=block_c, **units), warps,
+                                options))
+        block = bn_act._BLOCK["gpu"]
+        for relu6, residual in itertools.product((False, True), (False, True)):
+            types = dict(y_ptr=t, x_ptr=t, r_ptr=t, scale_ptr=f32, shift_ptr=f32, total=count, C="i32", P="i32")
+            out.append(_variant("bn_act", "_bn_act_apply_kernel", types,
+                                dict(CHANNELS_LAST=channels_last, RELU6=relu6, HAS_RESIDUAL=residual, BLOCK=block),
+                                warps, options))
+        for relu6 in (False, True):
+            types = dict(gx_ptr=t, g_ptr=t, x_ptr=t, mean_ptr=f32, invstd_ptr=f32, scale_ptr=f32, shift_ptr=f32,
+                         k_ptr=f32, total=count, C="i32", P="i32")
+            out.append(_variant("bn_act", "_bn_act_grad_x_kernel", types,
+                                dict(CHANNELS_LAST=channels_last, RELU6=relu6, BLOCK=block), warps, options))
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def variants():
     """Every kernel specialization the ops launch on a GPU, as a tuple."""
-    return tuple(_canny_variants() + _dwconv_variants())
+    return tuple(_canny_variants() + _dwconv_variants() + _bn_act_variants())
 
 
 def checked(capability, variant):

@@ -168,4 +168,49 @@ inline void check_dwconv_batch_stats(const char* op, int64_t n, int64_t channels
               ", ", h_out, ", ", w_out, "]");
 }
 
+// ---- BatchNorm + ReLU6 (or identity) + residual add --------------------------------------
+
+// Validates the arguments every batch_norm_act op shares: x (N, C, H, W); weight, bias and the
+// statistics (C,) like x (float32 allowed where x is half precision; the statistics may always be
+// float32); a residual of x's shape, dtype and device. `mean_arg` / `var_arg` name the statistics
+// (mean / invstd in the backward).
+inline void check_bn_act_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& residual,
+                              bool allow_double, const char* mean_arg = "running_mean",
+                              const char* var_arg = "running_var") {
+  TORCH_CHECK(x.dim() == 4, "fercuda.", op, ": argument 'x' must be a 4-D (N, C, H, W) tensor, got a ", x.dim(),
+              "-D tensor of shape ", shape_str(x));
+  TORCH_CHECK(is_floating_dwconv_dtype(x.scalar_type(), allow_double), "fercuda.", op, ": argument 'x' must be a ",
+              allow_double ? "Float, Double, Half or BFloat16" : "Float, Half or BFloat16", " tensor, got ",
+              c10::toString(x.scalar_type()));
+  const int64_t channels = x.size(1);
+  const bool half = x.scalar_type() != at::kFloat;
+  check_dwconv_channel_arg(weight, "weight", x, channels, half, op);
+  check_dwconv_channel_arg(bias, "bias", x, channels, half, op);
+  check_dwconv_channel_arg(mean, mean_arg, x, channels, true, op);
+  check_dwconv_channel_arg(var, var_arg, x, channels, true, op);
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.sizes() == x.sizes(), "fercuda.", op, ": argument 'residual' must have the shape of x ",
+                shape_str(x), ", got ", shape_str(r));
+    check_same_device(x, "x", r, "residual", op);
+    TORCH_CHECK(r.scalar_type() == x.scalar_type(), "fercuda.", op, ": argument 'residual' must be a ",
+                c10::toString(x.scalar_type()), " tensor like x, got ", c10::toString(r.scalar_type()));
+  }
+}
+
+inline void check_bn_act_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "fercuda.", op, ": argument 'grad_out' must have the shape of x ",
+              shape_str(x), ", got ", shape_str(grad_out));
+  check_same_device(x, "x", grad_out, "grad_out", op);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "fercuda.", op, ": argument 'grad_out' must be a ",
+              c10::toString(x.scalar_type()), " tensor like x, got ", c10::toString(grad_out.scalar_type()));
+}
+
+// BatchNorm's batch statistics need two values per channel: a ValueError, as nn.BatchNorm2d raises.
+inline void check_bn_act_batch_stats(const char* op, int64_t n, int64_t channels, int64_t h, int64_t w) {
+  TORCH_CHECK_VALUE(n * h * w > 1, "fercuda.", op, ": Expected more than 1 value per channel when training, got input size [",
+                    n, ", ", channels, ", ", h, ", ", w, "]");
+}
+
 }  // namespace fercuda
