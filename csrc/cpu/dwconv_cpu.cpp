@@ -156,13 +156,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     double* mean_d = batch_mean.mutable_data_ptr<double>();
     double* var_d = batch_var.mutable_data_ptr<double>();
     const Path& path = active_path();
-    // Pass 1: conv -> per-part mean / M2 (parts of equal size), then Chan's combination.
-    path.batch_stats(x, p, g, cl, mean_d, var_d);
-    // Pass 2: recompute the conv, normalize with the batch statistics, ReLU6, write y.
+    // Pass 1: conv -> per-part mean / M2 (parts of equal size), then Chan's combination; the
+    // path may keep z in y.
+    const bool z_in_y = path.batch_stats(x, p, g, cl, mean_d, var_d, y);
     const at::Tensor mean_t = batch_mean.to(c10::CppTypeToScalarType<T>::value);
     const at::Tensor invstd_t = at::rsqrt(batch_var + eps).to(c10::CppTypeToScalarType<T>::value);
-    auto [wf, shift] = fold<T>(p, mean_t, invstd_t, g.c);
-    path.affine_relu6(x, wf, shift, g, cl, y);
+    if (z_in_y) {
+      // Pass 2 from z: y = relu6((z - mean) * invstd * bn_w + bn_b), in place.
+      const at::Tensor scale = p.bn_w * invstd_t;
+      const at::Tensor shift = p.bn_b - mean_t * scale;
+      path.normalize_relu6(y, scale, shift, g);
+    } else {
+      // Pass 2: recompute the conv, normalize with the batch statistics, ReLU6, write y.
+      auto [wf, shift] = fold<T>(p, mean_t, invstd_t, g.c);
+      path.affine_relu6(x, wf, shift, g, cl, y);
+    }
   });
   // nn.BatchNorm2d: the running variance takes the unbiased estimate.
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);

@@ -221,6 +221,35 @@ inline void row_mean_m2(const float* z, int64_t w_out, int64_t channels, float* 
   }
 }
 
+// dst[i] = src[i] narrowed to Out (a copy for float).
+template <typename Out>
+void convert_row(const float* src, int64_t n, Out* dst) {
+  int64_t i = 0;
+  for (; i + kLanes16 <= n; i += kLanes16) store16<true>(dst + i, 0xFFFF, _mm512_loadu_ps(src + i));
+  if (i < n) store16<false>(dst + i, lanes_mask(n - i), _mm512_maskz_loadu_ps(lanes_mask(n - i), src + i));
+}
+
+// y[p][c] = relu6(y[p][c] * scale[c] + shift[c]) for `pixels` rows of C channels, in place,
+// along memory (scale and shift stay in L1).
+template <typename T>
+void scale_shift_relu6(T* y, int64_t pixels, int64_t channels, const float* scale, const float* shift) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    T* row = y + p * channels;
+    int64_t c0 = 0;
+    for (; c0 + kLanes16 <= channels; c0 += kLanes16) {
+      const __m512 v = _mm512_fmadd_ps(load16<true>(row + c0, 0xFFFF), _mm512_loadu_ps(scale + c0),
+                                       _mm512_loadu_ps(shift + c0));
+      store16<true>(row + c0, 0xFFFF, relu6(v));
+    }
+    if (c0 < channels) {
+      const __mmask16 m = lanes_mask(channels - c0);
+      const __m512 v = _mm512_fmadd_ps(load16<false>(row + c0, m), _mm512_maskz_loadu_ps(m, scale + c0),
+                                       _mm512_maskz_loadu_ps(m, shift + c0));
+      store16<false>(row + c0, m, relu6(v));
+    }
+  }
+}
+
 // The three input rows under output row oy of one image (img: (H, W, C)); null = padding.
 // Returns the row that output row oy + 1 adds, where it lies in the image and the rows are
 // wide enough to gain from its prefetch (16 pixels: on the network's 12x12 and 6x6 planes a

@@ -404,13 +404,13 @@ void affine_relu6_avx512_entry(const at::Tensor& x, const at::Tensor& wf, const 
   });
 }
 
-void batch_stats_avx512_entry(const at::Tensor& x, const ChannelParams& p, const Geometry& g, bool channels_last,
-                              double* mean, double* var) {
+// Pass 1 of the training forward keeps z in y (narrowed to y's dtype, as the eager block's conv
+// output is), so pass 2 reads z back instead of computing the conv again. The statistics come
+// from the float z.
+bool batch_stats_avx512_entry(const at::Tensor& x, const ChannelParams& p, const Geometry& g, bool channels_last,
+                              double* mean, double* var, at::Tensor& y) {
   const auto dtype = x.scalar_type();
-  if (!avx512_forward(x, g, channels_last)) {
-    path_avx2().batch_stats(x, p, g, channels_last, mean, var);
-    return;
-  }
+  if (!avx512_forward(x, g, channels_last)) return path_avx2().batch_stats(x, p, g, channels_last, mean, var, y);
   // Per-row mean / M2 of the float conv row (in a per-thread buffer), merged by Chan's rule.
   at::Tensor part_mean = at::empty({g.n * g.h_out, g.c}, p.w.options());
   at::Tensor part_m2 = at::empty({g.n * g.h_out, g.c}, p.w.options());
@@ -420,6 +420,7 @@ void batch_stats_avx512_entry(const at::Tensor& x, const ChannelParams& p, const
   dispatch_avx512(dtype, [&]<typename scalar_t>() {
     {
       const float* wd = w9c.const_data_ptr<float>();
+      scalar_t* yd = y.mutable_data_ptr<scalar_t>();
       const float* bd = p.b.const_data_ptr<float>();
       const scalar_t* xd = x.const_data_ptr<scalar_t>();
       const int64_t row_in = g.w * g.c;
@@ -432,11 +433,25 @@ void batch_stats_avx512_entry(const at::Tensor& x, const ChannelParams& p, const
                                                     oy, rows);
           avx512::conv_row<false>(rows, g.w, g.c, g.padding, g.stride, wd, bd, g.w_out, z.data(), next);
           avx512::row_mean_m2(z.data(), g.w_out, g.c, pm + r * g.c, pq + r * g.c);
+          avx512::convert_row(z.data(), g.w_out * g.c, yd + r * g.w_out * g.c);
         }
       });
     }
   });
   merge_batch_stats(pm, pq, g.n * g.h_out, g.w_out, g, mean, var);
+  return true;
+}
+
+void normalize_relu6_avx512_entry(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const Geometry& g) {
+  const float* sc = scale.const_data_ptr<float>();
+  const float* sh = shift.const_data_ptr<float>();
+  dispatch_avx512(y.scalar_type(), [&]<typename scalar_t>() {
+    scalar_t* yd = y.mutable_data_ptr<scalar_t>();
+    const int64_t pixels = g.n * g.h_out * g.w_out;
+    at::parallel_for(0, pixels, 64, [&](int64_t begin, int64_t end) {
+      avx512::scale_shift_relu6(yd + begin * g.c, end - begin, g.c, sc, sh);
+    });
+  });
 }
 #endif  // FERCUDA_AVX512_BF16
 
@@ -451,8 +466,8 @@ void affine_relu6_entry(const at::Tensor& x, const at::Tensor& wf, const at::Ten
   });
 }
 
-void batch_stats_entry(const at::Tensor& x, const ChannelParams& p, const Geometry& g, bool channels_last,
-                       double* mean, double* var) {
+bool batch_stats_entry(const at::Tensor& x, const ChannelParams& p, const Geometry& g, bool channels_last,
+                       double* mean, double* var, at::Tensor& /*y: left alone*/) {
   FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6_train", [&] {
     using T = acc_type_t<scalar_t>;
     if (channels_last) {
@@ -461,6 +476,7 @@ void batch_stats_entry(const at::Tensor& x, const ChannelParams& p, const Geomet
       batch_stats_nchw<scalar_t, T>(x, p, g, mean, var);
     }
   });
+  return false;
 }
 
 void backward_entry(const at::Tensor& x, const at::Tensor& grad_out, const ChannelParams& p, const at::Tensor& mean,
@@ -486,9 +502,10 @@ const Path& FERCUDA_DWCONV_PATH_FN() {
 #ifdef FERCUDA_AVX512_BF16
   // The AVX-512 kernels cover the channels_last forward (avx512_forward); the rest runs the
   // AVX2 path's code, which measured faster than the same portable code compiled for AVX-512.
-  static const Path path{affine_relu6_avx512_entry, batch_stats_avx512_entry, path_avx2().backward};
+  static const Path path{affine_relu6_avx512_entry, batch_stats_avx512_entry, normalize_relu6_avx512_entry,
+                         path_avx2().backward};
 #else
-  static const Path path{affine_relu6_entry, batch_stats_entry, backward_entry};
+  static const Path path{affine_relu6_entry, batch_stats_entry, nullptr, backward_entry};
 #endif
   return path;
 }

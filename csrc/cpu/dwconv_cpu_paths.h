@@ -43,9 +43,14 @@ struct Path {
   // y = relu6(conv(x, wf) + shift): inference, and training's second pass. wf (C, 9), shift (C,).
   void (*affine_relu6)(const at::Tensor& x, const at::Tensor& wf, const at::Tensor& shift, const Geometry& g,
                        bool channels_last, at::Tensor& y);
-  // The batch mean and biased variance (C,) of conv(x, p.w) + p.b.
-  void (*batch_stats)(const at::Tensor& x, const ChannelParams& p, const Geometry& g, bool channels_last,
-                      double* mean, double* var);
+  // The batch mean and biased variance (C,) of z = conv(x, p.w) + p.b. A path may also write z,
+  // in y's dtype, into y (then it returns true, and the op normalizes y in place with
+  // normalize_relu6 instead of computing the conv again), or leave y alone (false).
+  bool (*batch_stats)(const at::Tensor& x, const ChannelParams& p, const Geometry& g, bool channels_last,
+                      double* mean, double* var, at::Tensor& y);
+  // y = relu6(y * scale + shift) in place, scale and shift (C,) in float; only called where
+  // batch_stats wrote z into y.
+  void (*normalize_relu6)(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const Geometry& g);
   // grad_x, and sums (C, kSlots) of the BatchNorm and conv parameter gradients; mean and invstd
   // (C,) are the batch statistics (training) or the running ones.
   void (*backward)(const at::Tensor& x, const at::Tensor& grad_out, const ChannelParams& p, const at::Tensor& mean,
