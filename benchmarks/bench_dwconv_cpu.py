@@ -12,7 +12,8 @@ autocast runs the eager block). The contenders of a case are timed in turn, roun
 (fercuda.compare.interleaved_times_ms), and the ratios are of their medians; the fastest
 runs' ratios ("best_x_*") are printed too.
   inference: fercuda vs eager (conv2d + batch_norm + relu6, eval) in the same layout and dtype,
-             and vs torch.compile of that eager block.
+             vs torch.compile of that eager block, and vs oneDNN's conv with ReLU6 fused as a
+             post-op and BatchNorm folded into its weights (fercuda.compare.dwconv.onednn_fused_block).
   training:  forward + backward of DWConvBNReLU6 vs nn.Sequential(Conv2d, BatchNorm2d, ReLU6),
              train mode, under CPU autocast for bfloat16, as a user trains either.
 test_summary (last) prints the geometric means over the shapes per mode, layout and dtype, and
@@ -32,7 +33,7 @@ import torch
 import fercuda.nn as fnn
 from fercuda.compare import interleaved_times_ms
 from fercuda.compare.dwconv import (assert_still_compiled, block_inputs, compile_block, eager_block, fused_block,
-                                    network_block_shapes)
+                                    network_block_shapes, onednn_fused_block)
 from fercuda.runtime import keep_freed_memory
 
 WIDTHS = [float(w) for w in os.environ.get("FERCUDA_BENCH_WIDTHS", "0.25").split(",")]
@@ -75,10 +76,12 @@ def test_inference(benchmark, width, shape, layout, dtype):
     args = block_inputs((n, c, h, w), channels_last=layout == "channels_last", dtype=DTYPES[dtype])
     with torch.no_grad():
         compiled, _ = compile_block((*args, stride))
+        onednn = onednn_fused_block(*args, stride=stride)
         times = interleaved_times_ms({
             "fercuda": lambda: fused_block(*args, stride=stride),
             "eager": lambda: eager_block(*args, stride=stride),
             "compile": lambda: compiled(*args, stride),
+            "onednn": lambda: onednn(args[0]),
         }, ROUNDS, warmup=2)
         assert_still_compiled()
         benchmark.pedantic(lambda: fused_block(*args, stride=stride), rounds=3, warmup_rounds=1)
@@ -126,6 +129,8 @@ def test_summary():
         figures = [f"vs eager {_geomean([r['eager'] / r['fercuda'] for r in cases]):.2f}x"]
         if all("compile" in r for r in cases):
             figures.append(f"vs torch.compile {_geomean([r['compile'] / r['fercuda'] for r in cases]):.2f}x")
+        if all("onednn" in r for r in cases):
+            figures.append(f"vs oneDNN fused conv {_geomean([r['onednn'] / r['fercuda'] for r in cases]):.2f}x")
         lines.append(f"  {group[0]:9s} {group[1]:13s} {group[2]} width {group[3]}: {', '.join(figures)}"
                      f" ({len(cases)} shapes)")
     slower = [(k, r) for k, r in RESULTS.items() if r["fercuda"] > r["eager"]]

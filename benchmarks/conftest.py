@@ -3,6 +3,7 @@ pytest-benchmark, in its JSON's machine_info (fercuda.compare.environment)."""
 
 import pytest
 
+import fercuda  # noqa: F401  (loaded first, so the record names its CPU kernels' path)
 from fercuda.compare.environment import describe, environment
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+import fercuda
 import fercuda.compare as compare
 import fercuda.compare.__main__ as compare_main
 from fercuda.compare import canny as compare_canny
@@ -91,3 +92,6 @@ def test_environment_record_and_line(tmp_path):
     assert len(record["load_average"]) == 3 and record["cpu_count"] >= 1
     line = compare_environment.describe(record)
     assert f"torch {torch.__version__}" in line and "load" in line
+    # fercuda is loaded here: the record names its CPU kernels' path.
+    assert record["fercuda_cpu_isa"] == fercuda.cpu_isa()
+    assert f"fercuda CPU path {fercuda.cpu_isa()}" in line

@@ -76,6 +76,23 @@ def fused_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     return dwconv_bn_relu6(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride, eps=EPS)
 
 
+def onednn_fused_block(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1):
+    """oneDNN's inference conv with ReLU6 fused as a post-op, BatchNorm folded into its weights
+    and bias beforehand (as Inductor does under freezing): the fastest form of the eager block
+    a user can run on a CPU without fercuda. Returns a function of x, the folding done once."""
+    scale = bn_weight.double() / torch.sqrt(running_var.double() + EPS)
+    conv_bias = torch.zeros_like(scale) if bias is None else bias.double()
+    w = (weight.double() * scale.view(-1, 1, 1, 1)).to(x.dtype)
+    b = ((conv_bias - running_mean.double()) * scale + bn_bias.double()).to(x.dtype)
+    groups = x.shape[1]
+    op = torch.ops.mkldnn._convolution_pointwise
+
+    def run(inp):
+        return op(inp, w, b, [1, 1], [stride, stride], [1, 1], groups, "hardtanh", [0.0, 6.0], "")
+
+    return run
+
+
 def max_error_vs_float64(args, stride=1):
     """The largest |fused - eager block in float64| (inference)."""
     y = fused_block(*args, stride=stride)

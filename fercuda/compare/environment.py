@@ -63,6 +63,8 @@ def environment():
         else:
             info[name] = getattr(module, "__version__", "present")
     info["cv2_threads"] = sys.modules["cv2"].getNumThreads() if info["cv2"] else None
+    # The instruction-set path of fercuda's CPU kernels, where fercuda is loaded already.
+    info["fercuda_cpu_isa"] = sys.modules["fercuda"].cpu_isa() if "fercuda._C" in sys.modules else None
     return info
 
 
@@ -75,7 +77,8 @@ def describe(info):
     return (f"{info['cpu']} ({info['cpu_count']} cores; {' '.join(info['cpu_flags']) or 'no listed SIMD flags'}), "
             f"load {load[0] if load else '?'}; {gpu}; python {info['python']}, torch {info['torch']} "
             f"(CUDA {info['cuda']}), triton {info['triton']}, cv2 {info['cv2']}, kornia {info['kornia']}; "
-            f"{info['threads']} torch threads, {info['cv2_threads']} cv2 threads")
+            f"{info['threads']} torch threads, {info['cv2_threads']} cv2 threads"
+            + (f"; fercuda CPU path {info['fercuda_cpu_isa']}" if info.get("fercuda_cpu_isa") else ""))
 
 
 if __name__ == "__main__":
