@@ -170,8 +170,8 @@ def cmd_predict(args) -> int:
     if not is_video:
         faces = fer.detect_emotions(image)
         if not faces:
-            raise NoFaceError(f"{source}: no face found (faces of {fer.min_face_size} pixels or more were "
-                              "searched); --whole-image classifies the whole image as one face, "
+            raise NoFaceError(f"{source}: no face found (faces of {fer.face_size_for(image.shape)} pixels or more "
+                              "were searched); --whole-image classifies the whole image as one face, "
                               "--min-face-size 24 searches smaller faces")
         ok, encoded = cv2.imencode(out.suffix or ".png", annotate(image, faces))
         if not ok:
@@ -333,9 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the predictions as CSV, one row per face (default for a video: OUT with .csv)")
     p.add_argument("--cascade", default=None, help=f"path to {HAAR_CASCADE} (default: OpenCV's bundled one)")
     p.add_argument("--whole-image", action="store_true", help="classify the whole image as one face, no detection")
-    p.add_argument("--min-face-size", type=int, default=48,
-                   help="smallest face searched, in pixels (default 48; detection runs on the frame reduced by "
-                        "24 / this)")
+    p.add_argument("--min-face-size", type=int, default=None,
+                   help="smallest face searched, in pixels (default: 48 or a tenth of the shorter side of the "
+                        "image, whichever is larger); detection runs on the frame reduced by 24 / this")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: for videos of 100 frames or more)")
 

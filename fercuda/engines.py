@@ -55,8 +55,8 @@ def resolve_engine(name: str, device) -> str:
 
 class TorchEngine:
     """FERNet in PyTorch, float32, eval mode; the fused model (fercuda's ops) unless given a plain
-    one. On a CPU in channels_last, which runs it 1.4-1.5x faster than NCHW there
-    (benchmarks/bench_fernet_inference.py)."""
+    one. On a CPU in channels_last, which ran it 1.5x faster than NCHW at batch 64 and 1.1x at
+    batch 1 there (benchmarks/bench_fernet_inference.py, BENCHMARKS.md)."""
 
     name = "torch"
 

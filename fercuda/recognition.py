@@ -151,14 +151,15 @@ class FER:
     file, or a FERNet whose `metadata["classes"]` names its outputs.
     detector: "haar" (OpenCV's bundled frontal-face Haar cascade) or "whole" (each image is one
     face); cascade: another Haar cascade XML file. Boxes the caller has already are passed to
-    detect_emotions(img, boxes=...). min_face_size: the smallest face searched, in pixels; the
-    cascade (24x24 windows) runs on the frame reduced by 24 / min_face_size when that is < 1.
+    detect_emotions(img, boxes=...). min_face_size: the smallest face searched, in pixels
+    (default: 48 or a tenth of the image's shorter side, whichever is larger); the cascade (24x24
+    windows) runs on the image reduced by 24 / min_face_size.
     device: "cpu", "cuda", ... (default: CUDA where available). engine: "auto", "torch",
     "onnxruntime" or "openvino" (fercuda.engines). tta: "flip" (the face and its mirror image,
     the default), "none", or "flip+shift" (10 views).
     """
 
-    def __init__(self, model=None, *, detector: str = "haar", cascade=None, min_face_size: int = 48,
+    def __init__(self, model=None, *, detector: str = "haar", cascade=None, min_face_size: int | None = None,
                  device=None, engine: str = "auto", tta: str = DEFAULT_TTA, batch_size: int = 64):
         from fercuda.engines import make_engine
         from fercuda.models import FERNet, load
@@ -167,8 +168,8 @@ class FER:
             raise ValueError(f"argument 'detector' must be one of {DETECTORS}, got {detector!r}")
         if tta not in TTA_MODES:
             raise ValueError(f"argument 'tta' must be one of {TTA_MODES}, got {tta!r}")
-        if not (isinstance(min_face_size, int) and min_face_size >= 24):
-            raise ValueError(f"argument 'min_face_size' must be an int >= 24 (pixels), got {min_face_size!r}")
+        if min_face_size is not None and not (isinstance(min_face_size, int) and min_face_size >= 24):
+            raise ValueError(f"argument 'min_face_size' must be None or an int >= 24 (pixels), got {min_face_size!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model, FERNet):
             self.model = model.eval()
@@ -187,35 +188,34 @@ class FER:
     # ------------------------------------------------------------------ faces
     def find_faces(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
         """Face boxes (x, y, w, h) in a grayscale image: the whole image with detector="whole", and
-        for a 48x48 image in which the cascade finds nothing (a FER2013-style face crop)."""
+        for a 48x48 image (a face crop, as FER2013 holds them)."""
         import cv2
 
         h, w = gray.shape
         whole = [(0, 0, w, h)]
-        if self.detector_name == "whole":
+        if self.detector_name == "whole" or (h, w) == (48, 48):
             return whole
-        is_face_crop = (h, w) == (48, 48)
         if self.detector is None:
-            if is_face_crop:
-                return whole
             raise RuntimeError(
                 f"face detection unavailable: {self.detector_problem}. Install opencv-python(-headless) 4.x, "
                 f"which bundles {HAAR_CASCADE}, pass cascade=PATH to that file, or detector='whole' to "
                 "classify the whole image as one face")
-        scale = min(1.0, 24.0 / self.min_face_size)
+        scale = min(1.0, 24.0 / self.face_size_for(gray.shape))
         small = gray
-        if scale < 1.0 and min(h, w) * scale >= 24:
+        if scale < 1.0 and min(h, w) * scale >= 48:
             small = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         else:
             scale = 1.0
-        found = self.detector.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5,
-                                               minSize=(24, 24) if scale < 1.0 else (min(self.min_face_size, 24),) * 2)
+        found = self.detector.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
         boxes = [tuple(int(round(v / scale)) for v in b) for b in found]
         # Sorted left to right, then top to bottom: the cascade's own order varies from run to run.
         boxes = sorted((x, y, min(bw, w - x), min(bh, h - y)) for x, y, bw, bh in boxes)
-        if not boxes and is_face_crop:
-            return whole
         return boxes
+
+    def face_size_for(self, shape) -> int:
+        """The smallest face searched in an image of this (H, W): min_face_size, or by default
+        48 pixels or a tenth of the shorter side, whichever is larger."""
+        return self.min_face_size or max(48, min(shape[:2]) // 10)
 
     # ------------------------------------------------------------------ scoring
     def classify(self, crops: np.ndarray) -> np.ndarray:
@@ -261,9 +261,9 @@ class FER:
     def video(self, source, frames: bool = False, prefetch: int = 8):
         """Per-frame results of a video file, stream or camera (anything cv2.VideoCapture opens;
         an int is a camera index): dicts {"frame": index, "time": seconds, "faces": [...]}, or
-        (result, BGR frame) pairs with frames=True. Frames are decoded in a thread of their own
-        while the previous ones are scored. time is index / the stream's frame rate, or the
-        seconds since the first frame where the stream states no rate."""
+        (result, BGR frame) pairs with frames=True. time is index / the stream's frame rate, or the
+        seconds since the first frame where the stream states no rate. A thread decodes the
+        frames and finds their faces ahead of the scoring, `prefetch` frames at most."""
         capture = open_video(source)
         fps = capture.get(_cv2().CAP_PROP_FPS) or 0.0
         return _video_results(self, capture, fps, frames, prefetch)
@@ -297,8 +297,10 @@ def open_video(source):
     return capture
 
 
-def _frame_reader(capture, prefetch):
-    """Frames of a capture, decoded by a thread ahead of their use (cv2 releases the GIL)."""
+def _frame_reader(capture, prefetch, prepare=None):
+    """(frame, prepare(frame)) for the frames of a capture, decoded (and prepared) by a thread
+    ahead of their use: cv2 releases the GIL while it decodes and while it runs the cascade, so
+    decoding and face finding overlap the scoring of earlier frames."""
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
@@ -306,9 +308,10 @@ def _frame_reader(capture, prefetch):
         try:
             while not stop.is_set():
                 ok, frame = capture.read()
-                q.put(frame if ok else None)
                 if not ok:
+                    q.put(None)
                     return
+                q.put((frame, prepare(frame) if prepare else None))
         except BaseException as e:  # handed to the consumer
             q.put(e)
 
@@ -333,13 +336,16 @@ def _frame_reader(capture, prefetch):
 
 
 def _video_results(fer: FER, capture, fps, frames, prefetch):
-    start = None
-    for index, frame in enumerate(_frame_reader(capture, prefetch)):
-        if start is None:
-            start = time.monotonic()
+    def prepare(frame):
         gray = to_gray(frame)
         boxes = fer.find_faces(gray)
-        faces = fer._faces(boxes, fer.classify(crop_faces(gray, boxes)))
+        return boxes, crop_faces(gray, boxes)
+
+    start = None
+    for index, (frame, (boxes, crops)) in enumerate(_frame_reader(capture, prefetch, prepare)):
+        if start is None:
+            start = time.monotonic()
+        faces = fer._faces(boxes, fer.classify(crops))
         t = index / fps if fps > 0 else time.monotonic() - start
         result = {"frame": index, "time": round(t, 6), "faces": faces}
         yield (result, frame) if frames else result

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import stat
 
 import cv2
 import numpy as np
@@ -142,6 +144,10 @@ def test_video_iterator_and_predict_writes_video_json_csv(private_faces, tmp_pat
         rows = list(csv.DictReader(f))
     assert len(rows) == sum(len(r["faces"]) for r in results)
     assert list(rows[0])[:7] == ["frame", "time", "x", "y", "w", "h", "dominant_emotion"] and list(rows[0])[7:] == FER_CLASSES
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (out, out.with_suffix(".json"), out.with_suffix(".csv")):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
     capture = cv2.VideoCapture(str(out))
     n = 0
     while capture.read()[0]:
