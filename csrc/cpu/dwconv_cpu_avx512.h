@@ -221,6 +221,107 @@ inline void row_mean_m2(const float* z, int64_t w_out, int64_t channels, float* 
   }
 }
 
+// ---- Backward ------------------------------------------------------------------------------
+
+// One output row of the backward, per channel: from the conv row z (float) and the gradient
+// row g, the ReLU6 mask and xhat; the row's sums of ga and ga * xhat added to sum_ga, sum_gx;
+// when kGz, gz = k_ga * ga + k_xhat * xhat + k_one stored (float) and summed into sum_gz.
+template <bool kGz, bool kFull, typename In>
+__attribute__((always_inline)) inline void bn_relu6_grad_block(const float* z, const In* g, int64_t w_out,
+                                                               int64_t channels, int64_t c0, __mmask16 m,
+                                                               const float* mu, const float* is, const float* bw,
+                                                               const float* bb, const float* k_ga,
+                                                               const float* k_xhat, const float* k_one, float* gz,
+                                                               float* sum_ga, float* sum_gx, float* sum_gz) {
+  const __m512 mean = _mm512_maskz_loadu_ps(m, mu + c0), inv = _mm512_maskz_loadu_ps(m, is + c0);
+  const __m512 w = _mm512_maskz_loadu_ps(m, bw + c0), b = _mm512_maskz_loadu_ps(m, bb + c0);
+  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
+  __m512 kg = zero, kx = zero, k1 = zero;
+  if (kGz) {
+    kg = _mm512_maskz_loadu_ps(m, k_ga + c0);
+    kx = _mm512_maskz_loadu_ps(m, k_xhat + c0);
+    k1 = _mm512_maskz_loadu_ps(m, k_one + c0);
+  }
+  __m512 s_ga = zero, s_gx = zero, s_gz = zero;
+  for (int64_t ox = 0; ox < w_out; ++ox) {
+    const int64_t o = ox * channels + c0;
+    const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(load16<kFull>(z + o, m), mean), inv);
+    const __m512 a = _mm512_fmadd_ps(w, xhat, b);
+    const __mmask16 pass = _mm512_cmp_ps_mask(a, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(a, six, _CMP_LT_OQ);
+    const __m512 ga = _mm512_maskz_mov_ps(pass, load16<kFull>(g + o, m));
+    s_ga = _mm512_add_ps(s_ga, ga);
+    s_gx = _mm512_fmadd_ps(ga, xhat, s_gx);
+    if (kGz) {
+      const __m512 d = _mm512_fmadd_ps(kg, ga, _mm512_fmadd_ps(kx, xhat, k1));
+      store16<kFull>(gz + o, m, d);
+      s_gz = _mm512_add_ps(s_gz, d);
+    }
+  }
+  _mm512_mask_storeu_ps(sum_ga + c0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sum_ga + c0), s_ga));
+  _mm512_mask_storeu_ps(sum_gx + c0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sum_gx + c0), s_gx));
+  if (kGz) _mm512_mask_storeu_ps(sum_gz + c0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sum_gz + c0), s_gz));
+}
+
+template <bool kGz, typename In>
+void bn_relu6_grad_row(const float* z, const In* g, int64_t w_out, int64_t channels, const float* mu,
+                       const float* is, const float* bw, const float* bb, const float* k_ga, const float* k_xhat,
+                       const float* k_one, float* gz, float* sum_ga, float* sum_gx, float* sum_gz) {
+  int64_t c0 = 0;
+  for (; c0 + kLanes16 <= channels; c0 += kLanes16)
+    bn_relu6_grad_block<kGz, true>(z, g, w_out, channels, c0, 0xFFFF, mu, is, bw, bb, k_ga, k_xhat, k_one, gz,
+                                   sum_ga, sum_gx, sum_gz);
+  if (c0 < channels)
+    bn_relu6_grad_block<kGz, false>(z, g, w_out, channels, c0, lanes_mask(channels - c0), mu, is, bw, bb, k_ga,
+                                    k_xhat, k_one, gz, sum_ga, sum_gx, sum_gz);
+}
+
+// gw[t][c] += the sum over one output row of gz[ox][c] times the input under tap t; the nine
+// sums of a channel block stay in registers along the row.
+template <bool kFull, typename In>
+__attribute__((always_inline)) inline void grad_weight_block(const In* const rows[3], int64_t width, int64_t channels,
+                                                             int64_t padding, int64_t stride, const float* gz,
+                                                             int64_t w_out, int64_t c0, __mmask16 m, float* gw) {
+  __m512 acc[9];
+  for (int t = 0; t < 9; ++t) acc[t] = _mm512_maskz_loadu_ps(m, gw + t * channels + c0);
+  for (int64_t ox = 0; ox < w_out; ++ox) {
+    const __m512 gv = load16<kFull>(gz + ox * channels + c0, m);
+    const int64_t ix0 = ox * stride - padding;
+    if (ix0 >= 0 && ix0 + 2 < width) {
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky) {
+        if (rows[ky] == nullptr) continue;
+        const In* p = rows[ky] + ix0 * channels + c0;
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx)
+          acc[ky * 3 + kx] = _mm512_fmadd_ps(gv, load16<kFull>(p + kx * channels, m), acc[ky * 3 + kx]);
+      }
+    } else {
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky) {
+        if (rows[ky] == nullptr) continue;
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t ix = ix0 + kx;
+          if (ix < 0 || ix >= width) continue;
+          acc[ky * 3 + kx] =
+              _mm512_fmadd_ps(gv, load16<kFull>(rows[ky] + ix * channels + c0, m), acc[ky * 3 + kx]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < 9; ++t) _mm512_mask_storeu_ps(gw + t * channels + c0, m, acc[t]);
+}
+
+template <typename In>
+void grad_weight_row(const In* const rows[3], int64_t width, int64_t channels, int64_t padding, int64_t stride,
+                     const float* gz, int64_t w_out, float* gw) {
+  int64_t c0 = 0;
+  for (; c0 + kLanes16 <= channels; c0 += kLanes16)
+    grad_weight_block<true>(rows, width, channels, padding, stride, gz, w_out, c0, 0xFFFF, gw);
+  if (c0 < channels)
+    grad_weight_block<false>(rows, width, channels, padding, stride, gz, w_out, c0, lanes_mask(channels - c0), gw);
+}
+
 // dst[i] = src[i] narrowed to Out (a copy for float).
 template <typename Out>
 void convert_row(const float* src, int64_t n, Out* dst) {

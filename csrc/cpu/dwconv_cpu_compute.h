@@ -453,6 +453,108 @@ void normalize_relu6_avx512_entry(at::Tensor& y, const at::Tensor& scale, const 
     });
   });
 }
+// channels_last backward, one task per image as backward_cl, with the AVX-512 row kernels:
+// x and grad_out read in place (bfloat16 widened in registers), and grad_x of stride 1 as the
+// conv of gz with the taps mirrored (conv_row), narrowed as it is stored.
+template <typename scalar_t>
+void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const ChannelParams& p, const float* mu,
+                        const float* is, const Geometry& g, bool training, double count, at::Tensor& grad_x,
+                        double* sd) {
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* gxd = grad_x.mutable_data_ptr<scalar_t>();
+  const int64_t C = g.c, row_in = g.w * C, row_out = g.w_out * C;
+  const at::Tensor w9c_t = taps_major(p.w);
+  const float* w9c = w9c_t.const_data_ptr<float>();
+  const float* b = p.b.const_data_ptr<float>();
+  const float* bw = p.bn_w.const_data_ptr<float>();
+  const float* bb = p.bn_b.const_data_ptr<float>();
+  std::vector<double> part(g.n * kSlots * C);  // image n's slot s of channel c at (n * kSlots + s) * C + c
+  const SlotLayout layout{kSlots * C, 1, C};
+  // The conv row of output row oy of image n, and the input rows under it.
+  auto conv_z = [&](int64_t n, int64_t oy, const scalar_t* rows[3], float* z) {
+    const scalar_t* next =
+        avx512::rows_under(xd + n * g.h * row_in, g.h, g.w, row_in, g.stride, g.padding, oy, rows);
+    avx512::conv_row<false>(rows, g.w, C, g.padding, g.stride, w9c, b, g.w_out, z, next);
+  };
+  if (training) {
+    at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> z(row_out), sums(2 * C);
+      for (int64_t n = begin; n < end; ++n) {
+        std::fill(sums.begin(), sums.end(), 0.0f);
+        for (int64_t oy = 0; oy < g.h_out; ++oy) {
+          const scalar_t* rows[3];
+          conv_z(n, oy, rows, z.data());
+          avx512::bn_relu6_grad_row<false>(z.data(), gd + (n * g.h_out + oy) * row_out, g.w_out, C, mu, is, bw, bb,
+                                           nullptr, nullptr, nullptr, nullptr, sums.data(), sums.data() + C,
+                                           nullptr);
+        }
+        std::copy(sums.begin(), sums.end(), part.data() + n * kSlots * C);
+      }
+    });
+    sum_over_batch_parallel(part.data(), layout, g.n, C, 0, 2, sd);
+  }
+  std::vector<float> k_ga(C), k_xhat(C), k_one(C);
+  {
+    const std::vector<dwconv::BNBackward<float>> coeffs = backward_coeffs(bw, is, sd, count, training, C);
+    for (int64_t c = 0; c < C; ++c) {
+      k_ga[c] = coeffs[c].k_ga;
+      k_xhat[c] = coeffs[c].k_xhat;
+      k_one[c] = coeffs[c].k_one;
+    }
+  }
+  // grad_x of stride 1: gx[iy][ix] = sum over (ky, kx) of gz[iy + padding - ky][ix + padding - kx] * w[ky][kx],
+  // conv_row's window with padding 2 - padding over gz rows and the kx taps mirrored.
+  const bool mirrored = g.stride == 1 && g.padding <= 2;
+  std::vector<float> w_mirror(kTaps * C), zero_shift(C, 0.0f);
+  for (int t = 0; t < kTaps; ++t)
+    std::copy(w9c + (t / 3 * 3 + 2 - t % 3) * C, w9c + (t / 3 * 3 + 3 - t % 3) * C, w_mirror.data() + t * C);
+  const int first = training ? 2 : 0;
+  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(row_out), gz(g.h_out * row_out), sums(kSlots * C), gx_row(mirrored ? 0 : row_in);
+    float* const s_ga = sums.data();
+    for (int64_t n = begin; n < end; ++n) {
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      for (int64_t oy = 0; oy < g.h_out; ++oy) {
+        const scalar_t* rows[3];
+        conv_z(n, oy, rows, z.data());
+        float* gzr = gz.data() + oy * row_out;
+        avx512::bn_relu6_grad_row<true>(z.data(), gd + (n * g.h_out + oy) * row_out, g.w_out, C, mu, is, bw, bb,
+                                        k_ga.data(), k_xhat.data(), k_one.data(), gzr, s_ga, s_ga + C, s_ga + 2 * C);
+        avx512::grad_weight_row(rows, g.w, C, g.padding, g.stride, gzr, g.w_out, s_ga + 3 * C);
+      }
+      std::copy(sums.begin() + first * C, sums.end(), part.data() + (n * kSlots + first) * C);
+      for (int64_t iy = 0; iy < g.h; ++iy) {
+        scalar_t* dst = gxd + (n * g.h + iy) * row_in;
+        if (mirrored) {
+          const float* grows[3];
+          for (int ky = 0; ky < 3; ++ky) {
+            const int64_t oy = iy + g.padding - ky;
+            grows[ky] = (oy < 0 || oy >= g.h_out) ? nullptr : gz.data() + oy * row_out;
+          }
+          avx512::conv_row<false>(grows, g.w_out, C, 2 - g.padding, 1, w_mirror.data(), zero_shift.data(), g.w, dst);
+        } else {
+          grad_input_row_cl(gz.data(), g.h_out, g.w_out, iy, g.w, C, g.padding, g.stride, w9c, gx_row.data());
+          avx512::convert_row(gx_row.data(), row_in, dst);
+        }
+      }
+    }
+  });
+  sum_over_batch_parallel(part.data(), layout, g.n, C, first, kSlots, sd);
+}
+
+void backward_avx512_entry(const at::Tensor& x, const at::Tensor& grad_out, const ChannelParams& p,
+                           const at::Tensor& mean, const at::Tensor& invstd, const Geometry& g, bool channels_last,
+                           bool training, double count, at::Tensor& grad_x, double* sums) {
+  if (!avx512_forward(x, g, channels_last)) {
+    path_avx2().backward(x, grad_out, p, mean, invstd, g, channels_last, training, count, grad_x, sums);
+    return;
+  }
+  dispatch_avx512(x.scalar_type(), [&]<typename scalar_t>() {
+    backward_cl_avx512<scalar_t>(x, grad_out, p, mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(), g,
+                                 training, count, grad_x, sums);
+  });
+}
 #endif  // FERCUDA_AVX512_BF16
 
 // ---- The path's entry points: dtype dispatch --------------------------------------------------
@@ -500,10 +602,10 @@ void backward_entry(const at::Tensor& x, const at::Tensor& grad_out, const Chann
 
 const Path& FERCUDA_DWCONV_PATH_FN() {
 #ifdef FERCUDA_AVX512_BF16
-  // The AVX-512 kernels cover the channels_last forward (avx512_forward); the rest runs the
-  // AVX2 path's code, which measured faster than the same portable code compiled for AVX-512.
+  // The AVX-512 kernels cover channels_last where avx512_forward says; the rest runs the AVX2
+  // path's code, which measured faster than the same portable code compiled for AVX-512.
   static const Path path{affine_relu6_avx512_entry, batch_stats_avx512_entry, normalize_relu6_avx512_entry,
-                         path_avx2().backward};
+                         backward_avx512_entry};
 #else
   static const Path path{affine_relu6_entry, batch_stats_entry, nullptr, backward_entry};
 #endif
