@@ -5,8 +5,8 @@
 //
 // Register blocking. One call computes one output row of one image. For each block of 16
 // channels (one vector of floats; the last block masked) the nine tap weights and the shift
-// stay in registers, and the row goes in blocks of up to 8 output columns with their 8
-// accumulators in registers: each input column of a kernel row is loaded (and, from bfloat16,
+// stay in registers, and the row goes in blocks of 8 output columns (the rest in one block of
+// 1 to 7) with their accumulators in registers: each input column of a kernel row is loaded (and, from bfloat16,
 // widened) once and multiplied into every output of the block whose window holds it, at stride
 // 1 three, so a block of 8 needs 10 loads a kernel row for 24 multiply-adds instead of 24
 // loads. Blocks whose windows reach past the row's ends skip the padding columns; the others
@@ -159,15 +159,24 @@ __attribute__((always_inline)) inline void channel_block_row(const In* const row
   int64_t ox = 0;
   for (; ox + 8 <= w_out; ox += 8)
     row_block<8, S, kRelu6, kFull>(rows, ox, width, channels, padding, c0, m, wv, sh, out);
-  if (ox + 4 <= w_out) {
-    row_block<4, S, kRelu6, kFull>(rows, ox, width, channels, padding, c0, m, wv, sh, out);
-    ox += 4;
+  // The rest in one block: its accumulators are independent chains of multiply-adds, and a
+  // 6-pixel row (the network's 6x6 planes) as blocks of 4 and 2 left the FMA units waiting.
+  switch (w_out - ox) {
+#define FERCUDA_ROW_REST(B) \
+  case B:                  \
+    row_block<B, S, kRelu6, kFull>(rows, ox, width, channels, padding, c0, m, wv, sh, out); \
+    break;
+    FERCUDA_ROW_REST(7)
+    FERCUDA_ROW_REST(6)
+    FERCUDA_ROW_REST(5)
+    FERCUDA_ROW_REST(4)
+    FERCUDA_ROW_REST(3)
+    FERCUDA_ROW_REST(2)
+    FERCUDA_ROW_REST(1)
+#undef FERCUDA_ROW_REST
+    default:
+      break;
   }
-  if (ox + 2 <= w_out) {
-    row_block<2, S, kRelu6, kFull>(rows, ox, width, channels, padding, c0, m, wv, sh, out);
-    ox += 2;
-  }
-  if (ox < w_out) row_block<1, S, kRelu6, kFull>(rows, ox, width, channels, padding, c0, m, wv, sh, out);
 }
 
 template <int S, bool kRelu6, typename In, typename Out>
