@@ -453,6 +453,9 @@ void normalize_relu6_avx512_entry(at::Tensor& y, const at::Tensor& scale, const 
     });
   });
 }
+// The largest conv output (in floats: 8 MiB) that the backward keeps between its passes.
+constexpr int64_t kKeepZFloats = int64_t(2) << 20;
+
 // channels_last backward, one task per image as backward_cl, with the AVX-512 row kernels:
 // x and grad_out read in place (bfloat16 widened in registers), and grad_x of stride 1 as the
 // conv of gz with the taps mirrored (conv_row), narrowed as it is stored.
@@ -477,15 +480,20 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
         avx512::rows_under(xd + n * g.h * row_in, g.h, g.w, row_in, g.stride, g.padding, oy, rows);
     avx512::conv_row<false>(rows, g.w, C, g.padding, g.stride, w9c, b, g.w_out, z, next);
   };
+  // Training's pass 1 keeps the conv output for pass 2 where it is small enough to stay in
+  // cache (the network's 6x6 and 12x12 planes), instead of pass 2 computing it again.
+  const bool keep_z = training && g.n * g.h_out * row_out <= kKeepZFloats;
+  std::vector<float> z_all(keep_z ? g.n * g.h_out * row_out : 0);
   if (training) {
     at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> z(row_out), sums(2 * C);
+      std::vector<float> z_row(keep_z ? 0 : row_out), sums(2 * C);
       for (int64_t n = begin; n < end; ++n) {
         std::fill(sums.begin(), sums.end(), 0.0f);
         for (int64_t oy = 0; oy < g.h_out; ++oy) {
           const scalar_t* rows[3];
-          conv_z(n, oy, rows, z.data());
-          avx512::bn_relu6_grad_row<false>(z.data(), gd + (n * g.h_out + oy) * row_out, g.w_out, C, mu, is, bw, bb,
+          float* z = keep_z ? z_all.data() + (n * g.h_out + oy) * row_out : z_row.data();
+          conv_z(n, oy, rows, z);
+          avx512::bn_relu6_grad_row<false>(z, gd + (n * g.h_out + oy) * row_out, g.w_out, C, mu, is, bw, bb,
                                            nullptr, nullptr, nullptr, nullptr, sums.data(), sums.data() + C,
                                            nullptr);
         }
@@ -517,9 +525,15 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
       std::fill(sums.begin(), sums.end(), 0.0f);
       for (int64_t oy = 0; oy < g.h_out; ++oy) {
         const scalar_t* rows[3];
-        conv_z(n, oy, rows, z.data());
+        const float* zr = z.data();
+        if (keep_z) {
+          avx512::rows_under(xd + n * g.h * row_in, g.h, g.w, row_in, g.stride, g.padding, oy, rows);
+          zr = z_all.data() + (n * g.h_out + oy) * row_out;
+        } else {
+          conv_z(n, oy, rows, z.data());
+        }
         float* gzr = gz.data() + oy * row_out;
-        avx512::bn_relu6_grad_row<true>(z.data(), gd + (n * g.h_out + oy) * row_out, g.w_out, C, mu, is, bw, bb,
+        avx512::bn_relu6_grad_row<true>(zr, gd + (n * g.h_out + oy) * row_out, g.w_out, C, mu, is, bw, bb,
                                         k_ga.data(), k_xhat.data(), k_one.data(), gzr, s_ga, s_ga + C, s_ga + 2 * C);
         avx512::grad_weight_row(rows, g.w, C, g.padding, g.stride, gzr, g.w_out, s_ga + 3 * C);
       }
