@@ -483,7 +483,9 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
   // Training's pass 1 keeps the conv output for pass 2 where it is small enough to stay in
   // cache (the network's 6x6 and 12x12 planes), instead of pass 2 computing it again.
   const bool keep_z = training && g.n * g.h_out * row_out <= kKeepZFloats;
-  std::vector<float> z_all(keep_z ? g.n * g.h_out * row_out : 0);
+  // Uninitialized: pass 1 writes every value.
+  const at::Tensor z_all_t = at::empty({keep_z ? g.n * g.h_out * row_out : 0}, p.w.options());
+  float* const z_all = z_all_t.mutable_data_ptr<float>();
   if (training) {
     at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> z_row(keep_z ? 0 : row_out), sums(2 * C);
@@ -491,7 +493,7 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
         std::fill(sums.begin(), sums.end(), 0.0f);
         for (int64_t oy = 0; oy < g.h_out; ++oy) {
           const scalar_t* rows[3];
-          float* z = keep_z ? z_all.data() + (n * g.h_out + oy) * row_out : z_row.data();
+          float* z = keep_z ? z_all + (n * g.h_out + oy) * row_out : z_row.data();
           conv_z(n, oy, rows, z);
           avx512::bn_relu6_grad_row<false>(z, gd + (n * g.h_out + oy) * row_out, g.w_out, C, mu, is, bw, bb,
                                            nullptr, nullptr, nullptr, nullptr, sums.data(), sums.data() + C,
@@ -528,7 +530,7 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
         const float* zr = z.data();
         if (keep_z) {
           avx512::rows_under(xd + n * g.h * row_in, g.h, g.w, row_in, g.stride, g.padding, oy, rows);
-          zr = z_all.data() + (n * g.h_out + oy) * row_out;
+          zr = z_all + (n * g.h_out + oy) * row_out;
         } else {
           conv_z(n, oy, rows, z.data());
         }
