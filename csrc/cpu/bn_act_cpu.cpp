@@ -26,6 +26,10 @@
 #include "bn_act_cpu_kernels.h"
 #include "fercuda/checks.h"
 
+// The kernels' 64-byte vectors never cross a call (always inlined); GCC reports the ABI of their
+// instantiations in the baseline clone at the end of this file.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace fercuda {
 namespace {
 
@@ -36,14 +40,20 @@ using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float
 
 // Values a part of a reduction holds: small enough to stay in L1/L2 between its two sweeps.
 constexpr int64_t kPartValues = 8192;
+// channels_last: the least values a kernel row holds (a row of 8 channels alone is all loop
+// overhead and vector tails): image rows are taken `tile` at a time.
+constexpr int64_t kMinRun = 128;
 
 // How a (N, C, H, W) tensor is cut into parts: NCHW, each plane into `chunks` runs of at most
 // `chunk` values (part q = plane * chunks + k); channels_last, the N * H * W rows into runs of
-// `chunk` rows (part q = run).
+// `chunk` rows (part q = run), a multiple of `tile`, the image rows a kernel row holds.
 struct Layout {
   bool cl;
   int64_t n, c, hw;
   int64_t chunk, chunks, parts;
+  int64_t tile;
+
+  PlaneRuns plane_runs() const { return {hw, chunk, chunks, c}; }
 
   int64_t positions() const { return n * hw; }
   // Values of channel c in part q (every channel has the same count in a part).
@@ -55,9 +65,11 @@ struct Layout {
 };
 
 Layout layout_of(const at::Tensor& x, bool cl) {
-  Layout l{cl, x.size(0), x.size(1), x.size(2) * x.size(3), 0, 0, 0};
+  Layout l{cl, x.size(0), x.size(1), x.size(2) * x.size(3), 0, 0, 0, 1};
   if (cl) {
-    l.chunk = std::max<int64_t>(1, std::min(l.positions(), kPartValues / std::max<int64_t>(l.c, 1)));
+    l.tile = l.c >= kMinRun ? 1 : (kMinRun + l.c - 1) / l.c;
+    const int64_t rows = std::max<int64_t>(l.tile, kPartValues / (l.c * l.tile) * l.tile);
+    l.chunk = std::max<int64_t>(1, std::min(l.positions(), rows));
     l.chunks = (l.positions() + l.chunk - 1) / l.chunk;
     l.parts = l.chunks;
   } else {
@@ -123,6 +135,23 @@ std::vector<double> invstd_of(const std::vector<double>& var, double eps) {
   return out;
 }
 
+// v (C values) repeated tile times: the per-channel values of a kernel row of tile image rows.
+template <typename T>
+std::vector<T> tiled(const T* v, int64_t c, int64_t tile) {
+  std::vector<T> out(c * tile);
+  for (int64_t r = 0; r < tile; ++r) std::copy(v, v + c, out.begin() + r * c);
+  return out;
+}
+
+// channels_last rows [first, first + rows) as kernel rows: f(first row, kernel rows, values a
+// kernel row) for the whole tiles, then for the rest as one shorter kernel row.
+template <typename F>
+void for_kernel_rows(const Layout& l, int64_t first, int64_t rows, F f) {
+  const int64_t full = rows / l.tile, rest = rows % l.tile;
+  if (full) f(first, full, l.tile * l.c);
+  if (rest) f(first + full * l.tile, int64_t{1}, rest * l.c);
+}
+
 // Part indices of channel c in merge order.
 template <typename F>
 void for_parts_of_channel(const Layout& l, int64_t c, F f) {
@@ -139,37 +168,70 @@ void for_parts_of_channel(const Layout& l, int64_t c, F f) {
 
 // ---- Statistics (training pass 1) -----------------------------------------------------------
 
-// Per-channel batch mean and biased variance, in double.
+// Per-channel batch mean and biased variance, in double. Parts are combined by the parallel form
+// of Chan's formula, in part order: mean = sum(n_i * mean_i) / n, M2 = sum(M2_i + n_i * (mean_i -
+// mean)^2) (two sweeps over the parts, no division per part).
 template <typename scalar_t>
 void batch_stats(const at::Tensor& x, const Layout& l, double* mean, double* var) {
   using T = acc_t<scalar_t>;
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   // Part q's mean / M2 of channel c at index q (NCHW) or q * C + c (channels_last).
   std::vector<T> pm(l.cl ? l.parts * l.c : l.parts), pq(pm.size());
-  at::parallel_for(0, l.parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t cnt = l.part_count(q);
-      if (l.cl) {
-        rows_mean_m2<scalar_t, T>(xd + q * l.chunk * l.c, cnt, l.c, pm.data() + q * l.c, pq.data() + q * l.c);
-      } else {
-        const int64_t plane = q / l.chunks, k = q % l.chunks;
-        plane_mean_m2<scalar_t, T>(xd + plane * l.hw + k * l.chunk, cnt, pm.data() + q, pq.data() + q);
+  if (l.cl) {
+    at::parallel_for(0, l.parts, 1, [&](int64_t begin, int64_t end) {
+      // Lanes of a kernel row (channel c of tile row r at r * C + c): the whole tiles' lanes
+      // (count `full` each), then the rest's (count 1 each), combined per channel as the parts are.
+      const int64_t lanes = l.tile * l.c;
+      std::vector<T> tile_mean(lanes), tile_m2(lanes), rest_mean(lanes), rest_m2(lanes);
+      std::vector<double> sum(l.c), m2(l.c);
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t first = q * l.chunk, cnt = l.part_count(q);
+        const int64_t full = cnt / l.tile, rest = cnt % l.tile;
+        if (l.tile == 1) {  // one lane a channel: the part's statistics as they are
+          rows_mean_m2<scalar_t, T>(xd + first * l.c, cnt, l.c, pm.data() + q * l.c, pq.data() + q * l.c);
+          continue;
+        }
+        if (full) rows_mean_m2<scalar_t, T>(xd + first * l.c, full, lanes, tile_mean.data(), tile_m2.data());
+        if (rest) {
+          rows_mean_m2<scalar_t, T>(xd + (first + full * l.tile) * l.c, 1, rest * l.c, rest_mean.data(),
+                                    rest_m2.data());
+        }
+        std::fill(sum.begin(), sum.end(), 0.0);
+        std::fill(m2.begin(), m2.end(), 0.0);
+        for (int64_t j = 0; j < (full ? lanes : 0); ++j) sum[j % l.c] += static_cast<double>(full) * tile_mean[j];
+        for (int64_t j = 0; j < rest * l.c; ++j) sum[j % l.c] += rest_mean[j];
+        for (int64_t c = 0; c < l.c; ++c) sum[c] /= static_cast<double>(cnt);  // the part's mean
+        for (int64_t j = 0; j < (full ? lanes : 0); ++j) {
+          const double d = tile_mean[j] - sum[j % l.c];
+          m2[j % l.c] += tile_m2[j] + static_cast<double>(full) * d * d;
+        }
+        for (int64_t j = 0; j < rest * l.c; ++j) {
+          const double d = rest_mean[j] - sum[j % l.c];
+          m2[j % l.c] += d * d;
+        }
+        for (int64_t c = 0; c < l.c; ++c) {
+          pm[q * l.c + c] = static_cast<T>(sum[c]);
+          pq[q * l.c + c] = static_cast<T>(m2[c]);
+        }
       }
-    }
-  });
+    });
+  } else {
+    at::parallel_for(0, l.parts, grain(std::min(l.hw, l.chunk)), [&](int64_t begin, int64_t end) {
+      runs_mean_m2<scalar_t, T>(xd, l.plane_runs(), begin, end, pm.data(), pq.data());
+    });
+  }
+  const double count = static_cast<double>(l.positions());
   at::parallel_for(0, l.c, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      double n_a = 0, mean_a = 0, m2_a = 0;
+      double sum = 0, m2 = 0;
+      for_parts_of_channel(l, c, [&](int64_t q, int64_t i) { sum += static_cast<double>(l.part_count(q)) * pm[i]; });
+      const double mu = sum / count;
       for_parts_of_channel(l, c, [&](int64_t q, int64_t i) {
-        const double n_b = static_cast<double>(l.part_count(q));
-        const double mean_b = pm[i], m2_b = pq[i];
-        const double n = n_a + n_b, delta = mean_b - mean_a;
-        mean_a += delta * (n_b / n);
-        m2_a += m2_b + delta * delta * (n_a * n_b / n);
-        n_a = n;
+        const double d = pm[i] - mu;
+        m2 += pq[i] + static_cast<double>(l.part_count(q)) * d * d;
       });
-      mean[c] = mean_a;
-      var[c] = m2_a / n_a;
+      mean[c] = mu;
+      var[c] = m2 / count;
     }
   });
 }
@@ -185,16 +247,17 @@ void apply(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const
   auto run = [&](auto relu6_tag) {
     constexpr bool kRelu6 = decltype(relu6_tag)::value;
     if (l.cl) {
+      const std::vector<T> scale_t = tiled(scale, l.c, l.tile), shift_t = tiled(shift, l.c, l.tile);
       at::parallel_for(0, l.positions(), grain(l.c), [&](int64_t begin, int64_t end) {
-        const int64_t off = begin * l.c;
-        rows_apply<kRelu6, scalar_t, T>(xd + off, rd ? rd + off : nullptr, end - begin, l.c, scale, shift, yd + off);
+        for_kernel_rows(l, begin, end - begin, [&](int64_t first, int64_t rows, int64_t len) {
+          const int64_t off = first * l.c;
+          rows_apply<kRelu6, scalar_t, T>(xd + off, rd ? rd + off : nullptr, rows, len, scale_t.data(),
+                                          shift_t.data(), yd + off);
+        });
       });
     } else {
       at::parallel_for(0, l.n * l.c, grain(l.hw), [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t c = p % l.c, off = p * l.hw;
-          plane_apply<kRelu6, scalar_t, T>(xd + off, rd ? rd + off : nullptr, l.hw, scale[c], shift[c], yd + off);
-        }
+        planes_apply<kRelu6, scalar_t, T>(xd, rd, l.hw, l.c, begin, end, scale, shift, yd);
       });
     }
   };
@@ -308,21 +371,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
       constexpr bool kRelu6 = decltype(relu6_tag)::value;
       // Pass 1: the parts' sums, merged per channel in part order.
       std::vector<T> pg(l.cl ? l.parts * l.c : l.parts), pgx(pg.size());
-      at::parallel_for(0, l.parts, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t q = begin; q < end; ++q) {
-          const int64_t cnt = l.part_count(q);
-          if (l.cl) {
-            const int64_t off = q * l.chunk * l.c;
-            rows_grad_sums<kRelu6, scalar_t, T>(gd + off, xd + off, cnt, l.c, mu, is, scale, shift,
-                                                pg.data() + q * l.c, pgx.data() + q * l.c);
-          } else {
-            const int64_t plane = q / l.chunks, c = plane % l.c;
-            const int64_t off = plane * l.hw + (q % l.chunks) * l.chunk;
-            plane_grad_sums<kRelu6, scalar_t, T>(gd + off, xd + off, cnt, mu[c], is[c], scale[c], shift[c],
-                                                 pg.data() + q, pgx.data() + q);
+      if (l.cl) {
+        const std::vector<T> mu_t = tiled(mu, l.c, l.tile), is_t = tiled(is, l.c, l.tile),
+                             scale_t = tiled(scale, l.c, l.tile), shift_t = tiled(shift, l.c, l.tile);
+        at::parallel_for(0, l.parts, 1, [&](int64_t begin, int64_t end) {
+          // Lanes of a kernel row, added into the part's per-channel sums tile row by tile row.
+          std::vector<T> lane_g(l.tile * l.c), lane_gx(l.tile * l.c);
+          for (int64_t q = begin; q < end; ++q) {
+            T* const part_g = pg.data() + q * l.c;
+            T* const part_gx = pgx.data() + q * l.c;
+            std::fill(part_g, part_g + l.c, T(0));
+            std::fill(part_gx, part_gx + l.c, T(0));
+            for_kernel_rows(l, q * l.chunk, l.part_count(q), [&](int64_t first, int64_t rows, int64_t len) {
+              const int64_t off = first * l.c;
+              rows_grad_sums<kRelu6, scalar_t, T>(gd + off, xd + off, rows, len, mu_t.data(), is_t.data(),
+                                                  scale_t.data(), shift_t.data(), lane_g.data(), lane_gx.data());
+              for (int64_t j = 0; j < len; ++j) {
+                part_g[j % l.c] += lane_g[j];
+                part_gx[j % l.c] += lane_gx[j];
+              }
+            });
           }
-        }
-      });
+        });
+      } else {
+        at::parallel_for(0, l.parts, grain(std::min(l.hw, l.chunk)), [&](int64_t begin, int64_t end) {
+          runs_grad_sums<kRelu6, scalar_t, T>(gd, xd, l.plane_runs(), begin, end, mu, is, scale, shift, pg.data(),
+                                              pgx.data());
+        });
+      }
       double* sd = sums.data();
       at::parallel_for(0, l.c, 16, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
@@ -343,18 +419,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
       if (l.cl) {
         std::vector<T> k_ga(l.c), k_xhat(l.c), k_one(l.c);
         for (int64_t c = 0; c < l.c; ++c) k_ga[c] = k[c].k_ga, k_xhat[c] = k[c].k_xhat, k_one[c] = k[c].k_one;
+        const std::vector<T> mu_t = tiled(mu, l.c, l.tile), is_t = tiled(is, l.c, l.tile),
+                             scale_t = tiled(scale, l.c, l.tile), shift_t = tiled(shift, l.c, l.tile),
+                             k_ga_t = tiled(k_ga.data(), l.c, l.tile), k_xhat_t = tiled(k_xhat.data(), l.c, l.tile),
+                             k_one_t = tiled(k_one.data(), l.c, l.tile);
         at::parallel_for(0, l.positions(), grain(l.c), [&](int64_t begin, int64_t end) {
-          const int64_t off = begin * l.c;
-          rows_grad_x<kRelu6, scalar_t, T>(gd + off, xd + off, end - begin, l.c, mu, is, scale, shift, k_ga.data(),
-                                           k_xhat.data(), k_one.data(), gxd + off);
+          for_kernel_rows(l, begin, end - begin, [&](int64_t first, int64_t rows, int64_t len) {
+            const int64_t off = first * l.c;
+            rows_grad_x<kRelu6, scalar_t, T>(gd + off, xd + off, rows, len, mu_t.data(), is_t.data(), scale_t.data(),
+                                             shift_t.data(), k_ga_t.data(), k_xhat_t.data(), k_one_t.data(),
+                                             gxd + off);
+          });
         });
       } else {
         at::parallel_for(0, l.n * l.c, grain(l.hw), [&](int64_t begin, int64_t end) {
-          for (int64_t p = begin; p < end; ++p) {
-            const int64_t c = p % l.c, off = p * l.hw;
-            plane_grad_x<kRelu6, scalar_t, T>(gd + off, xd + off, l.hw, mu[c], is[c], scale[c], shift[c], k[c],
-                                              gxd + off);
-          }
+          planes_grad_x<kRelu6, scalar_t, T>(gd, xd, l.hw, l.c, begin, end, mu, is, scale, shift, k.data(), gxd);
         });
       }
     };

@@ -15,6 +15,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -74,96 +75,354 @@ T combine_lanes(const T* acc) {
   return s;
 }
 
+// ---- 16-lane vectors (one AVX-512 register; two AVX2 or four SSE ones in the other clones) ------
+//
+// Always inlined: no vector crosses a call boundary (the -Wpsabi note about the ABI of wide vectors
+// in the baseline clone does not apply).
+
+constexpr int64_t kLanes16 = 16;
+typedef float V16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+typedef uint32_t U16 __attribute__((vector_size(64)));
+typedef uint16_t H16 __attribute__((vector_size(32)));
+
+// float32 and bfloat16 runs go through these vectors; float16 and float64 through scalar loops.
+template <typename S>
+constexpr bool kVectorRuns = std::is_same_v<S, float> || std::is_same_v<S, c10::BFloat16>;
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename S>
+__attribute__((always_inline)) inline V16 load16(const S* p) {
+  V16 v;
+  if constexpr (std::is_same_v<S, float>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    H16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const U16 u = __builtin_convertvector(h, U16) << 16;
+    std::memcpy(&v, &u, sizeof(v));
+  }
+  return v;
+}
+
+// Stores 16 values, rounded as c10::BFloat16(float) rounds (to nearest even, any NaN to 0x7FC0) for
+// bfloat16, with integer vector operations.
+template <typename S>
+__attribute__((always_inline)) inline void store16(S* p, V16 v) {
+  if constexpr (std::is_same_v<S, float>) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    U16 u;
+    std::memcpy(&u, &v, sizeof(u));
+    const U16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const U16 nan = (U16)(v != v);
+    const H16 h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), H16);
+    std::memcpy(p, &h, sizeof(h));
+  }
+}
+
+__attribute__((always_inline)) inline V16 relu6_16(V16 a) {
+  const V16 zero = V16{}, six = zero + 6.0f;
+  return a < zero ? zero : (a > six ? six : a);  // NaN propagates, as F.relu6
+}
+
+// v where mask is all ones, 0 where it is 0.
+__attribute__((always_inline)) inline V16 masked(V16 v, I16 mask) {
+  I16 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits &= mask;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// g where 0 < a < 6 (ReLU6 passes the gradient), else 0. On the bits: positive floats order as
+// their bits do, so 0 < a < 6 is 1 <= bits <= bits(6) - 1 (excluding +-0, negatives, 6 and above,
+// infinities and NaNs), one unsigned comparison. (GCC compiles a select on a float comparison of
+// these vectors here, or the AND of two, to per-lane scalar code.)
+__attribute__((always_inline)) inline V16 passes_16(V16 a, V16 g) {
+  U16 bits;
+  std::memcpy(&bits, &a, sizeof(bits));
+  return masked(g, (I16)(bits - 1u < 0x40BFFFFFu));
+}
+
+// Lanes j >= skip of v, zeros elsewhere: the mask is loaded from a table, not compared.
+alignas(64) inline constexpr int32_t kLaneMasks[32] = {0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,
+                                                       0,  0,  0,  0,  0,  -1, -1, -1, -1, -1, -1,
+                                                       -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
+__attribute__((always_inline)) inline V16 lanes_from(V16 v, int64_t skip) {
+  I16 mask;
+  std::memcpy(&mask, kLaneMasks + kLanes16 - skip, sizeof(mask));
+  return masked(v, mask);
+}
+
+// The lanes' sum as a fixed tree (halves added, four times): deterministic, and a few vector adds
+// instead of sixteen dependent scalar ones.
+typedef float V8 __attribute__((vector_size(32)));
+typedef float V4 __attribute__((vector_size(16)));
+__attribute__((always_inline)) inline float sum_lanes(V16 v) {
+  const V8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+#pragma GCC diagnostic pop
+
 // ---- Plane runs (NCHW) -----------------------------------------------------------------------
+//
+// A run goes kLanes values at a time. A run of n >= kLanes values whose last block is partial
+// takes the block that ends at its end instead, overlapping the one before: the elementwise loops
+// write those outputs twice with the same values, the reductions mask out the overlap. So a 6x6
+// plane is three vector blocks, not two and a scalar tail (which cost as much as the rest). Runs
+// shorter than kLanes, and float16 / float64 runs, go one value at a time.
 
 // Mean and M2 (sum of squared deviations from the mean) of n >= 1 values: the sum, then the
 // deviations from its mean (the run is in cache by then).
 template <typename S, typename T>
-FERCUDA_BN_ACT_SIMD void plane_mean_m2(const S* __restrict x, int64_t n, T* mean, T* m2) {
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += load(x[i + j]);
-  for (int64_t j = 0; i + j < n; ++j) acc[j] += load(x[i + j]);
-  const T mu = combine_lanes(acc) / static_cast<T>(n);
-  T dev[kLanes] = {};
-  i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const T d = load(x[i + j]) - mu;
-      dev[j] += d * d;
+__attribute__((always_inline)) inline void plane_mean_m2(const S* __restrict x, int64_t n, T* mean, T* m2) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+  if constexpr (kVectorRuns<S>) {
+    if (n >= kLanes16) {
+      const int64_t full = n / kLanes16 * kLanes16, skip = kLanes16 - (n - full);
+      V16 acc = V16{};
+      for (int64_t i = 0; i < full; i += kLanes16) acc += load16(x + i);
+      if (full < n) acc += lanes_from(load16(x + n - kLanes16), skip);
+      const float mu = sum_lanes(acc) / static_cast<float>(n);
+      V16 dev = V16{};
+      for (int64_t i = 0; i < full; i += kLanes16) {
+        const V16 d = load16(x + i) - mu;
+        dev += d * d;
+      }
+      if (full < n) {
+        const V16 d = lanes_from(load16(x + n - kLanes16) - mu, skip);
+        dev += d * d;
+      }
+      *mean = mu;
+      *m2 = sum_lanes(dev);
+      return;
     }
-  for (int64_t j = 0; i + j < n; ++j) {
-    const T d = load(x[i + j]) - mu;
-    dev[j] += d * d;
+  }
+#pragma GCC diagnostic pop
+  T acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += load(x[i]);
+  const T mu = acc / static_cast<T>(n);
+  T dev = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T d = load(x[i]) - mu;
+    dev += d * d;
   }
   *mean = mu;
-  *m2 = combine_lanes(dev);
+  *m2 = dev;
+}
+
+template <bool kRelu6, bool kResidual, typename S, typename T>
+__attribute__((always_inline)) inline T apply_one(S x, const S* r, T scale, T shift) {
+  T a = load(x) * scale + shift;
+  if constexpr (kRelu6) a = bn_act::act(a, true);
+  if constexpr (kResidual) a += load(*r);
+  return a;
 }
 
 // y = act(x * scale + shift) (+ r).
-template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void plane_apply(const S* __restrict x, const S* __restrict r, int64_t n, T scale, T shift,
-                                     S* __restrict y) {
-  if constexpr (kRelu6) {
-    if (r) {
-      for (int64_t i = 0; i < n; ++i) y[i] = store<S>(bn_act::act(load(x[i]) * scale + shift, true) + load(r[i]));
-    } else {
-      for (int64_t i = 0; i < n; ++i) y[i] = store<S>(bn_act::act(load(x[i]) * scale + shift, true));
-    }
-  } else {
-    if (r) {
-      for (int64_t i = 0; i < n; ++i) y[i] = store<S>(load(x[i]) * scale + shift + load(r[i]));
-    } else {
-      for (int64_t i = 0; i < n; ++i) y[i] = store<S>(load(x[i]) * scale + shift);
+template <bool kRelu6, bool kResidual, typename S, typename T>
+__attribute__((always_inline)) inline void plane_apply(const S* __restrict x, const S* __restrict r, int64_t n,
+                                                       T scale, T shift, S* __restrict y) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+  if constexpr (kVectorRuns<S>) {
+    if (n >= kLanes16) {
+      auto block = [&](int64_t i) __attribute__((always_inline)) {
+        V16 a = load16(x + i) * scale + shift;
+        if constexpr (kRelu6) a = relu6_16(a);
+        if constexpr (kResidual) a += load16(r + i);
+        store16(y + i, a);
+      };
+      const int64_t full = n / kLanes16 * kLanes16;
+      for (int64_t i = 0; i < full; i += kLanes16) block(i);
+      if (full < n) block(n - kLanes16);
+      return;
     }
   }
+#pragma GCC diagnostic pop
+  for (int64_t j = 0; j < n; ++j)
+    y[j] = store<S>(apply_one<kRelu6, kResidual, S, T>(x[j], kResidual ? r + j : nullptr, scale, shift));
 }
 
 // sum(ga) and sum(ga * xhat), ga = g where the activation passes it, xhat = (x - mean) * invstd,
 // a = x * scale + shift.
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void plane_grad_sums(const S* __restrict g, const S* __restrict x, int64_t n, T mean, T invstd,
-                                         T scale, T shift, T* sum_ga, T* sum_ga_xhat) {
-  T acc_g[kLanes] = {}, acc_gx[kLanes] = {};
-  auto step = [&](int64_t i, int64_t j) __attribute__((always_inline)) {
+__attribute__((always_inline)) inline void plane_grad_sums(const S* __restrict g, const S* __restrict x, int64_t n,
+                                                           T mean, T invstd, T scale, T shift, T* sum_ga,
+                                                           T* sum_ga_xhat) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+  if constexpr (kVectorRuns<S>) {
+    if (n >= kLanes16) {
+      V16 acc_g = V16{}, acc_gx = V16{};
+      auto block = [&](int64_t i, int64_t skip) __attribute__((always_inline)) {
+        const V16 xv = load16(x + i);
+        V16 ga = load16(g + i);
+        if constexpr (kRelu6) ga = passes_16(xv * scale + shift, ga);
+        ga = lanes_from(ga, skip);
+        acc_g += ga;
+        acc_gx += ga * ((xv - mean) * invstd);
+      };
+      const int64_t full = n / kLanes16 * kLanes16;
+      for (int64_t i = 0; i < full; i += kLanes16) block(i, 0);
+      if (full < n) block(n - kLanes16, kLanes16 - (n - full));
+      *sum_ga = sum_lanes(acc_g);
+      *sum_ga_xhat = sum_lanes(acc_gx);
+      return;
+    }
+  }
+#pragma GCC diagnostic pop
+  T acc_g = 0, acc_gx = 0;
+  for (int64_t i = 0; i < n; ++i) {
     const T xv = load(x[i]);
-    const T a = xv * scale + shift;
-    const T ga = bn_act::act_passes(a, kRelu6) ? load(g[i]) : T(0);
-    acc_g[j] += ga;
-    acc_gx[j] += ga * ((xv - mean) * invstd);
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) step(i + j, j);
-  for (int64_t j = 0; i + j < n; ++j) step(i + j, j);
-  *sum_ga = combine_lanes(acc_g);
-  *sum_ga_xhat = combine_lanes(acc_gx);
+    const T ga = bn_act::act_passes(xv * scale + shift, kRelu6) ? load(g[i]) : T(0);
+    acc_g += ga;
+    acc_gx += ga * ((xv - mean) * invstd);
+  }
+  *sum_ga = acc_g;
+  *sum_ga_xhat = acc_gx;
 }
 
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void plane_grad_x(const S* __restrict g, const S* __restrict x, int64_t n, T mean, T invstd,
-                                      T scale, T shift, bn_act::Backward<T> k, S* __restrict gx) {
+__attribute__((always_inline)) inline void plane_grad_x(const S* __restrict g, const S* __restrict x, int64_t n,
+                                                        T mean, T invstd, T scale, T shift, bn_act::Backward<T> k,
+                                                        S* __restrict gx) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+  if constexpr (kVectorRuns<S>) {
+    if (n >= kLanes16) {
+      auto block = [&](int64_t i) __attribute__((always_inline)) {
+        const V16 xv = load16(x + i);
+        V16 ga = load16(g + i);
+        if constexpr (kRelu6) ga = passes_16(xv * scale + shift, ga);
+        store16(gx + i, k.k_ga * ga + k.k_xhat * ((xv - mean) * invstd) + k.k_one);
+      };
+      const int64_t full = n / kLanes16 * kLanes16;
+      for (int64_t i = 0; i < full; i += kLanes16) block(i);
+      if (full < n) block(n - kLanes16);
+      return;
+    }
+  }
+#pragma GCC diagnostic pop
   for (int64_t i = 0; i < n; ++i) {
     const T xv = load(x[i]);
-    const T a = xv * scale + shift;
-    const T ga = bn_act::act_passes(a, kRelu6) ? load(g[i]) : T(0);
+    const T ga = bn_act::act_passes(xv * scale + shift, kRelu6) ? load(g[i]) : T(0);
     gx[i] = store<S>(bn_act::grad_x(k, ga, (xv - mean) * invstd));
   }
 }
 
+// Many plane runs in one call (a call per plane costs as much as a 6x6 plane's work). Runs of
+// `chunk` values: run q is chunk q % chunks of plane q / chunks, whose channel is plane % C.
+struct PlaneRuns {
+  int64_t hw, chunk, chunks, c;
+  int64_t plane(int64_t q) const { return q / chunks; }
+  int64_t offset(int64_t q) const { return plane(q) * hw + (q % chunks) * chunk; }
+  int64_t count(int64_t q) const { return std::min(chunk, hw - (q % chunks) * chunk); }
+  int64_t channel(int64_t q) const { return plane(q) % c; }
+};
+
+template <typename S, typename T>
+FERCUDA_BN_ACT_SIMD void runs_mean_m2(const S* __restrict x, PlaneRuns pr, int64_t begin, int64_t end,
+                                      T* __restrict mean, T* __restrict m2) {
+  for (int64_t q = begin; q < end; ++q) plane_mean_m2<S, T>(x + pr.offset(q), pr.count(q), mean + q, m2 + q);
+}
+
+template <bool kRelu6, typename S, typename T>
+FERCUDA_BN_ACT_SIMD void planes_apply(const S* __restrict x, const S* __restrict r, int64_t hw, int64_t C,
+                                      int64_t begin, int64_t end, const T* __restrict scale,
+                                      const T* __restrict shift, S* __restrict y) {
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t c = p % C, off = p * hw;
+    if (r) {
+      plane_apply<kRelu6, true, S, T>(x + off, r + off, hw, scale[c], shift[c], y + off);
+    } else {
+      plane_apply<kRelu6, false, S, T>(x + off, nullptr, hw, scale[c], shift[c], y + off);
+    }
+  }
+}
+
+template <bool kRelu6, typename S, typename T>
+FERCUDA_BN_ACT_SIMD void runs_grad_sums(const S* __restrict g, const S* __restrict x, PlaneRuns pr, int64_t begin,
+                                        int64_t end, const T* __restrict mean, const T* __restrict invstd,
+                                        const T* __restrict scale, const T* __restrict shift, T* __restrict sum_ga,
+                                        T* __restrict sum_ga_xhat) {
+  for (int64_t q = begin; q < end; ++q) {
+    const int64_t c = pr.channel(q), off = pr.offset(q);
+    plane_grad_sums<kRelu6, S, T>(g + off, x + off, pr.count(q), mean[c], invstd[c], scale[c], shift[c], sum_ga + q,
+                                  sum_ga_xhat + q);
+  }
+}
+
+template <bool kRelu6, typename S, typename T>
+FERCUDA_BN_ACT_SIMD void planes_grad_x(const S* __restrict g, const S* __restrict x, int64_t hw, int64_t C,
+                                       int64_t begin, int64_t end, const T* __restrict mean,
+                                       const T* __restrict invstd, const T* __restrict scale,
+                                       const T* __restrict shift, const bn_act::Backward<T>* __restrict k,
+                                       S* __restrict gx) {
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t c = p % C, off = p * hw;
+    plane_grad_x<kRelu6, S, T>(g + off, x + off, hw, mean[c], invstd[c], scale[c], shift[c], k[c], gx + off);
+  }
+}
+
 // ---- Row runs (channels_last) ----------------------------------------------------------------
+//
+// A "row" here is a run of C values, one per channel; with few channels the caller passes `tile`
+// image rows at once as one row of tile * C values, the per-channel arrays repeated tile times.
+// Float32 and bfloat16 rows of at least 16 values go 16 channels at a time, the last block
+// overlapping the one before as in the plane runs (its counted lanes masked out of the sums);
+// others one value at a time.
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+// f(i, skip) for each block of 16 values of a row of len >= 16: skip lanes already visited.
+template <typename F>
+__attribute__((always_inline)) inline void for_blocks(int64_t len, F f) {
+  const int64_t full = len / kLanes16 * kLanes16;
+  for (int64_t i = 0; i < full; i += kLanes16) f(i, int64_t{0});
+  if (full < len) f(len - kLanes16, kLanes16 - (len - full));
+}
+
+__attribute__((always_inline)) inline V16 at16(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+__attribute__((always_inline)) inline void put16(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+template <typename S, typename T>
+constexpr bool kVectorRows = kVectorRuns<S> && std::is_same_v<T, float>;
 
 // Per-channel mean and M2 of `rows` >= 1 rows of C values.
 template <typename S, typename T>
 FERCUDA_BN_ACT_SIMD void rows_mean_m2(const S* __restrict x, int64_t rows, int64_t C, T* __restrict mean,
                                       T* __restrict m2) {
   for (int64_t c = 0; c < C; ++c) mean[c] = T(0), m2[c] = T(0);
+  const T inv = T(1) / static_cast<T>(rows);
+  if constexpr (kVectorRows<S, T>) {
+    if (C >= kLanes16) {
+      for (int64_t r = 0; r < rows; ++r)
+        for_blocks(C, [&](int64_t i, int64_t skip) __attribute__((always_inline)) {
+          put16(mean + i, at16(mean + i) + lanes_from(load16(x + r * C + i), skip));
+        });
+      for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
+      for (int64_t r = 0; r < rows; ++r)
+        for_blocks(C, [&](int64_t i, int64_t skip) __attribute__((always_inline)) {
+          const V16 d = lanes_from(load16(x + r * C + i) - at16(mean + i), skip);
+          put16(m2 + i, at16(m2 + i) + d * d);
+        });
+      return;
+    }
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const S* row = x + r * C;
     for (int64_t c = 0; c < C; ++c) mean[c] += load(row[c]);
   }
-  const T inv = T(1) / static_cast<T>(rows);
   for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
   for (int64_t r = 0; r < rows; ++r) {
     const S* row = x + r * C;
@@ -176,26 +435,28 @@ FERCUDA_BN_ACT_SIMD void rows_mean_m2(const S* __restrict x, int64_t rows, int64
 
 template <bool kRelu6, typename S, typename T>
 FERCUDA_BN_ACT_SIMD void rows_apply(const S* __restrict x, const S* __restrict r, int64_t rows, int64_t C,
-                                    const T* __restrict scale, const T* __restrict shift,
-                                    S* __restrict y) {
+                                    const T* __restrict scale, const T* __restrict shift, S* __restrict y) {
+  if constexpr (kVectorRows<S, T>) {
+    if (C >= kLanes16) {
+      for (int64_t p = 0; p < rows; ++p) {
+        const int64_t o = p * C;
+        for_blocks(C, [&](int64_t i, int64_t) __attribute__((always_inline)) {
+          V16 a = load16(x + o + i) * at16(scale + i) + at16(shift + i);
+          if constexpr (kRelu6) a = relu6_16(a);
+          if (r) a += load16(r + o + i);
+          store16(y + o + i, a);
+        });
+      }
+      return;
+    }
+  }
   for (int64_t p = 0; p < rows; ++p) {
-    const S* xr = x + p * C;
-    S* yr = y + p * C;
-    if constexpr (kRelu6) {
-      if (r) {
-        const S* rr = r + p * C;
-        for (int64_t c = 0; c < C; ++c)
-          yr[c] = store<S>(bn_act::act(load(xr[c]) * scale[c] + shift[c], true) + load(rr[c]));
-      } else {
-        for (int64_t c = 0; c < C; ++c) yr[c] = store<S>(bn_act::act(load(xr[c]) * scale[c] + shift[c], true));
-      }
-    } else {
-      if (r) {
-        const S* rr = r + p * C;
-        for (int64_t c = 0; c < C; ++c) yr[c] = store<S>(load(xr[c]) * scale[c] + shift[c] + load(rr[c]));
-      } else {
-        for (int64_t c = 0; c < C; ++c) yr[c] = store<S>(load(xr[c]) * scale[c] + shift[c]);
-      }
+    const int64_t o = p * C;
+    for (int64_t c = 0; c < C; ++c) {
+      T a = load(x[o + c]) * scale[c] + shift[c];
+      if constexpr (kRelu6) a = bn_act::act(a, true);
+      if (r) a += load(r[o + c]);
+      y[o + c] = store<S>(a);
     }
   }
 }
@@ -207,13 +468,28 @@ FERCUDA_BN_ACT_SIMD void rows_grad_sums(const S* __restrict g, const S* __restri
                                         const T* __restrict scale, const T* __restrict shift,
                                         T* __restrict sum_ga, T* __restrict sum_ga_xhat) {
   for (int64_t c = 0; c < C; ++c) sum_ga[c] = T(0), sum_ga_xhat[c] = T(0);
+  if constexpr (kVectorRows<S, T>) {
+    if (C >= kLanes16) {
+      for (int64_t p = 0; p < rows; ++p) {
+        const int64_t o = p * C;
+        for_blocks(C, [&](int64_t i, int64_t skip) __attribute__((always_inline)) {
+          const V16 xv = load16(x + o + i);
+          V16 ga = load16(g + o + i);
+          if constexpr (kRelu6) ga = passes_16(xv * at16(scale + i) + at16(shift + i), ga);
+          ga = lanes_from(ga, skip);
+          put16(sum_ga + i, at16(sum_ga + i) + ga);
+          put16(sum_ga_xhat + i, at16(sum_ga_xhat + i) + ga * ((xv - at16(mean + i)) * at16(invstd + i)));
+        });
+      }
+      return;
+    }
+  }
   for (int64_t p = 0; p < rows; ++p) {
     const S* xr = x + p * C;
     const S* gr = g + p * C;
     for (int64_t c = 0; c < C; ++c) {
       const T xv = load(xr[c]);
-      const T a = xv * scale[c] + shift[c];
-      const T ga = bn_act::act_passes(a, kRelu6) ? load(gr[c]) : T(0);
+      const T ga = bn_act::act_passes(xv * scale[c] + shift[c], kRelu6) ? load(gr[c]) : T(0);
       sum_ga[c] += ga;
       sum_ga_xhat[c] += ga * ((xv - mean[c]) * invstd[c]);
     }
@@ -225,20 +501,34 @@ template <bool kRelu6, typename S, typename T>
 FERCUDA_BN_ACT_SIMD void rows_grad_x(const S* __restrict g, const S* __restrict x, int64_t rows, int64_t C,
                                      const T* __restrict mean, const T* __restrict invstd, const T* __restrict scale,
                                      const T* __restrict shift, const T* __restrict k_ga,
-                                     const T* __restrict k_xhat, const T* __restrict k_one,
-                                     S* __restrict gx) {
+                                     const T* __restrict k_xhat, const T* __restrict k_one, S* __restrict gx) {
+  if constexpr (kVectorRows<S, T>) {
+    if (C >= kLanes16) {
+      for (int64_t p = 0; p < rows; ++p) {
+        const int64_t o = p * C;
+        for_blocks(C, [&](int64_t i, int64_t) __attribute__((always_inline)) {
+          const V16 xv = load16(x + o + i);
+          V16 ga = load16(g + o + i);
+          if constexpr (kRelu6) ga = passes_16(xv * at16(scale + i) + at16(shift + i), ga);
+          store16(gx + o + i, at16(k_ga + i) * ga + at16(k_xhat + i) * ((xv - at16(mean + i)) * at16(invstd + i)) +
+                                  at16(k_one + i));
+        });
+      }
+      return;
+    }
+  }
   for (int64_t p = 0; p < rows; ++p) {
     const S* xr = x + p * C;
     const S* gr = g + p * C;
     S* out = gx + p * C;
     for (int64_t c = 0; c < C; ++c) {
       const T xv = load(xr[c]);
-      const T a = xv * scale[c] + shift[c];
-      const T ga = bn_act::act_passes(a, kRelu6) ? load(gr[c]) : T(0);
+      const T ga = bn_act::act_passes(xv * scale[c] + shift[c], kRelu6) ? load(gr[c]) : T(0);
       out[c] = store<S>(k_ga[c] * ga + k_xhat[c] * ((xv - mean[c]) * invstd[c]) + k_one[c]);
     }
   }
 }
+#pragma GCC diagnostic pop
 
 }  // namespace
 }  // namespace bn_act_cpu
