@@ -4,6 +4,7 @@ it, after its stem, pointwise and shortcut convs, in both layouts and both preci
 Run: python -m pytest benchmarks/bench_bn_act_cpu.py -q -s
      FERCUDA_BENCH_WIDTHS=0.25,1.0 ...   (FERNet's shapes at these widths; default 0.25)
      FERCUDA_BENCH_COMPILE=0 ...         (leave torch.compile out: a compile a case)
+     FERCUDA_BENCH_THREADS=1 ...         (torch's thread count for every contender; default torch's)
 
 Shapes: fercuda.compare.bn_act.network_bn_shapes(width) (N=64), each with the activation and the
 residual add the network has there, measured once however many layers share it. Each case: layout
@@ -32,6 +33,10 @@ from fercuda.runtime import keep_freed_memory
 WIDTHS = [float(w) for w in os.environ.get("FERCUDA_BENCH_WIDTHS", "0.25").split(",")]
 ROUNDS = int(os.environ.get("FERCUDA_BENCH_ROUNDS", "7"))
 COMPILE = os.environ.get("FERCUDA_BENCH_COMPILE", "1") != "0"
+if os.environ.get("FERCUDA_BENCH_THREADS"):
+    # On a machine shared with other work, two threads of an op wait on each other whenever one
+    # is descheduled (steps of several ms at these sub-ms sizes); one thread does not.
+    torch.set_num_threads(int(os.environ["FERCUDA_BENCH_THREADS"]))
 SHAPES = [(w, shape) for w in WIDTHS for shape in network_bn_shapes(w)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESULTS = {}  # (mode, layout, dtype name, width, shape) -> {contender: median ms}
@@ -110,7 +115,7 @@ def test_summary():
     """Geometric means of the speed-ups over the shapes, and the cases slower than eager."""
     if not RESULTS:
         pytest.skip("no case measured in this run")
-    lines = ["", "batch_norm_act speed-up (geometric mean over FERNet's shapes):"]
+    lines = ["", f"batch_norm_act speed-up (geometric mean over FERNet's shapes, {torch.get_num_threads()} threads):"]
     for group in sorted({k[:4] for k in RESULTS}):
         cases = [r for k, r in RESULTS.items() if k[:4] == group]
         figures = [f"vs eager {_geomean([r['eager'] / r['fercuda'] for r in cases]):.2f}x"
