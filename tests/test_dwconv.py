@@ -553,6 +553,13 @@ def test_backward_matches_reference(backend, shape, dtype, channels_last, traini
     leaves = leaves_of(inputs)
     grad = torch.randn(n, c, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=rng,
                        dtype=torch.float64).to(device)
+    # Low precision: where the float64 pre-activation lies within float32 rounding of ReLU6's
+    # kinks, the kernel's (from the same half-precision inputs) may fall on the other side and
+    # pass or stop a gradient that float64 does not: one such position moved grad bn_weight by
+    # 4 bfloat16 ulps (FERCUDA_TEST_SEED=1716067840). Zero gradient there.
+    if dtype != torch.float32:
+        grad = off_the_kinks(grad, [t if t is None else t.double() for t in inputs], stride=stride,
+                             training=training)
     y = fercuda.ops.dwconv_bn_relu6(*leaves, inputs[5].clone(), inputs[6].clone(), stride=stride, training=training,
                                     backend=kernel_backend(backend))
     grads = torch.autograd.grad(y, leaves, grad.to(dtype))
