@@ -74,6 +74,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--warmup", type=float, default=0.0, metavar="FRACTION",
                    help="linear warm-up over this fraction of the run (with --schedule cosine)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (0 = none)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999) and validate, keep and "
+                        "report it instead of the last weights (0 = none)")
+    p.add_argument("--erasing", type=float, default=0.0, metavar="P",
+                   help="random erasing: each training image, with probability P, gets a rectangle (2-33%% of the "
+                        "face) set to mid-grey in every input channel (0 = none)")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup: blend each batch with itself reversed, weight ~ Beta(ALPHA, ALPHA) (0 = none)")
+    p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="CutMix: paste a box of the reversed batch, area ~ Beta(ALPHA, ALPHA); with --mixup too, "
+                        "each batch takes one of the two (0 = none)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW; 0 = Adam)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
@@ -115,6 +126,12 @@ def resolve_args(argv=None, parser=None) -> argparse.Namespace:
         parser.error("--batch-size, --epochs, --lr and --width-mult must be positive")
     if not 0 <= args.label_smoothing < 1 or args.weight_decay < 0 or not 0 <= args.warmup < 1:
         parser.error("--label-smoothing and --warmup must lie in [0, 1), --weight-decay must be >= 0")
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema must lie in [0, 1) (a decay such as 0.999; 0 = none), got {args.ema}")
+    if not 0 <= args.erasing <= 1:
+        parser.error(f"--erasing must be a probability in [0, 1], got {args.erasing}")
+    if args.mixup < 0 or args.cutmix < 0:
+        parser.error(f"--mixup and --cutmix must be >= 0 (0 = none), got {args.mixup} and {args.cutmix}")
     if args.folds == 1 or args.folds < 0:
         parser.error(f"--folds must be 0 (official split) or >= 2, got {args.folds}")
     return args
@@ -217,6 +234,7 @@ def run(args: argparse.Namespace) -> dict:
                 print(msg, flush=True)
         return summary
     finally:
+        clock.close()
         dist.close()
 
 

@@ -3,8 +3,10 @@ schedule, its checkpoints and its final report."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from fercuda.data import augment, fer_input
+import numpy as np
+
+from fercuda.data import augment, fer_input, mix_batch, random_erasing
 from fercuda.distributed import Dist, log
 from fercuda.evaluation import classification_report, format_report, predict_logits
 from fercuda.models import FERNet
@@ -51,13 +55,17 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, au
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None,
-               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on (x, y); returns the logits and the loss. The phases are labelled for
-    torch.profiler (benchmarks/profile_fernet_step.py)."""
+               label_smoothing: float, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on (x, y); returns the logits and the loss. lam < 1: x is a mixed batch
+    (fercuda.data.mix_batch) and the loss weighs y by lam and y.flip(0) by 1 - lam. The phases are
+    labelled for torch.profiler (benchmarks/profile_fernet_step.py)."""
     with record_function("forward"):
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            if lam < 1.0:
+                other = F.cross_entropy(logits.float(), y.flip(0), label_smoothing=label_smoothing)
+                loss = lam * loss + (1.0 - lam) * other
     with record_function("backward"):
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -68,17 +76,75 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: t
 
 
 class RunClock:
-    """Seconds the run has spent, across --resume: what --time-limit and the schedule count."""
+    """Seconds the run has spent, across --resume: what --time-limit and the schedule count. Time
+    the process spent stopped (SIGSTOP / Ctrl-Z, then SIGCONT: a run paused while the machine does
+    something else) does not count: a watcher thread ticking every `tick` seconds sees the gap
+    when the process continues, and counts what exceeds `stall` seconds as paused."""
 
-    def __init__(self):
-        self.start = time.time()
+    def __init__(self, tick: float = 0.5, stall: float = 5.0):
+        self.start = time.monotonic()
         self.before = 0.0
+        self._paused = 0.0
+        self._lock = threading.Lock()
+        self._tick, self._stall = tick, stall
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="fercuda-run-clock", daemon=True).start()
+
+    def _watch(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self._tick):
+            now = time.monotonic()
+            gap = now - last - self._tick
+            if gap > self._stall:
+                with self._lock:
+                    self._paused += gap
+            last = now
+
+    def close(self) -> None:
+        self._stop.set()
 
     def resumed_at(self, seconds: float) -> None:
         self.before = max(self.before, float(seconds))
 
+    def paused(self) -> float:
+        """Seconds this process has spent stopped."""
+        with self._lock:
+            return self._paused
+
     def elapsed(self) -> float:
-        return self.before + time.time() - self.start
+        return self.before + time.monotonic() - self.start - self.paused()
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters and BatchNorm running statistics
+    (`--ema DECAY`), updated after every optimizer step: avg = d * avg + (1 - d) * current with
+    d = min(DECAY, (1 + k) / (10 + k)) at update k, so the early average is not stuck at the
+    initial weights. The average is the model a run validates, keeps and reports."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = model.state_dict()
+        for k, avg in self.model.state_dict().items():
+            if avg.is_floating_point():
+                avg.lerp_(current[k], 1.0 - d)
+            else:
+                avg.copy_(current[k])
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
 
 
 def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_idx, test_name: str,
@@ -104,6 +170,7 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    ema = WeightAverage(model, args.ema) if args.ema else None
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + dist.rank)
     history, start_epoch, best_val = [], 0, -1.0
 
@@ -115,9 +182,13 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], aug_gen)
         history, start_epoch, best_val = ckpt["history"], ckpt["epoch"], ckpt["best_val_acc"]
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         clock.resumed_at(ckpt.get("run_seconds", 0.0))
         log(dist, f"resuming {unit_dir} after epoch {start_epoch}")
 
+    # The model validated, kept as best.pt and reported: the weight average where there is one.
+    scored = ema.model if ema is not None else model
     net = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -169,8 +240,17 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
         for step in range(steps):
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size].to(device)
             x, y = make_batch(images, labels, idx, aug_gen if args.augment else None, channels_last)
+            if args.erasing:
+                random_erasing(x, args.erasing, aug_gen)
+            lam = 1.0
+            if args.mixup or args.cutmix:
+                # Drawn from (seed, rank, epoch, step) alone: a resumed run mixes as the first one would.
+                x, lam = mix_batch(x, np.random.default_rng([args.seed, dist.rank, epoch, step]), args.mixup,
+                                   args.cutmix)
             lr = set_lr(epoch + step / steps)
-            logits, loss = train_step(net, optimizer, scaler, x, y, autocast_dtype, args.label_smoothing)
+            logits, loss = train_step(net, optimizer, scaler, x, y, autocast_dtype, args.label_smoothing, lam)
+            if ema is not None:
+                ema.update(model)
             n = y.shape[0]
             loss_sum += loss.detach() * n
             correct += (logits.argmax(1) == y).sum()
@@ -190,9 +270,10 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
         elapsed = time.perf_counter() - t0
         loss_sum, correct, seen = dist.all_sum([loss_sum.item(), float(correct.item()), float(seen)])
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-               "images_per_s": seen / elapsed, "epoch_seconds": elapsed, "steps": step + 1, "lr": lr}
+               "images_per_s": seen / elapsed, "epoch_seconds": elapsed, "steps": step + 1, "lr": lr,
+               "run_seconds": clock.elapsed(), "paused_seconds": clock.paused()}
         if len(val_idx):
-            logits = predict_logits(model, data.images[val_idx], device, channels_last=channels_last)
+            logits = predict_logits(scored, data.images[val_idx], device, channels_last=channels_last)
             vy = data.labels[val_idx].to(logits.device)
             row["val_loss"] = F.cross_entropy(logits, vy).item()
             row["val_acc"] = (logits.argmax(1) == vy).float().mean().item()
@@ -202,12 +283,14 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
             improved = row.get("val_acc", -1.0) > best_val
             if improved:
                 best_val = row["val_acc"]
-                save_checkpoint(unit_dir / "best.pt", {**meta, "model": model.state_dict(), "epoch": epoch + 1,
+                save_checkpoint(unit_dir / "best.pt", {**meta, "model": scored.state_dict(), "epoch": epoch + 1,
                                                        "val_acc": best_val})
-            save_checkpoint(last, {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng_state(aug_gen),
-                                   "history": history, "best_val_acc": best_val,
-                                   "run_seconds": clock.elapsed()})
+            state = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "rng": rng_state(aug_gen),
+                     "history": history, "best_val_acc": best_val, "run_seconds": clock.elapsed()}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_checkpoint(last, state)
             write_metrics(unit_dir, history)
         dist.barrier()
         if stopped_early:
@@ -217,6 +300,8 @@ def train_unit(args, dist: Dist, data, unit_dir: Path, train_idx, val_idx, test_
     # each rank updates its BatchNorm running statistics from its own last batch).
     weight_spread = dist.max_spread(torch.cat([p.detach().double().flatten() for p in model.parameters()]))
     # The official split reports the checkpoint best on PublicTest; folds the last epoch's model.
+    if ema is not None:
+        model = ema.model
     if dist.main and (unit_dir / "best.pt").exists() and len(val_idx):
         model.load_state_dict(torch.load(unit_dir / "best.pt", map_location=device, weights_only=True)["model"])
     result = {"stopped_early": stopped_early, "epochs_done": len(history),

@@ -95,6 +95,44 @@ def test_resume_continues_from_the_saved_epoch(trained_run, small_fer, tmp_path)
         assert after[-1][key] == pytest.approx(uninterrupted[-1][key], rel=1e-4), key
 
 
+RECIPE = ("--ema", "0.9", "--erasing", "0.5", "--mixup", "0.2", "--cutmix", "1.0",
+          "--label-smoothing", "0.1", "--limit", "96")
+
+
+def test_recipe_flags_resume_exactly_and_score_the_weight_average(small_fer, tmp_path):
+    """A run with the weight average, erasing and mixing, stopped after one epoch and resumed,
+    ends where one run of two epochs does; best.pt holds the average, the model that was
+    validated."""
+    cache = tmp_path / "cache"
+    cli.main(train_args(small_fer, tmp_path / "straight", cache, "--epochs", "2", *RECIPE))
+    cli.main(train_args(small_fer, tmp_path / "stopped", cache, "--epochs", "1", *RECIPE))
+    cli.main(["train", "--resume", str(tmp_path / "stopped"), "--epochs", "2", "--no-progress"])
+    straight = json.loads((tmp_path / "straight" / "official" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "stopped" / "official" / "metrics.json").read_text())
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert resumed[-1][key] == pytest.approx(straight[-1][key], rel=1e-4), key
+    saved = json.loads((tmp_path / "straight" / "args.json").read_text())
+    assert (saved["ema"], saved["erasing"], saved["mixup"], saved["cutmix"]) == (0.9, 0.5, 0.2, 1.0)
+    unit = tmp_path / "straight" / "official"
+    last = torch.load(unit / "last.pt", weights_only=True)
+    assert last["ema"]["updates"] == sum(h["steps"] for h in straight)
+    best = torch.load(unit / "best.pt", weights_only=True)
+    if best["epoch"] == 2:
+        for k, v in best["model"].items():
+            assert torch.equal(v, last["ema"]["model"][k]), k
+    assert any(not torch.equal(v, last["model"][k]) for k, v in last["ema"]["model"].items())
+
+
+def test_bad_recipe_arguments(tmp_path, capsys):
+    for flag, value, said in (("--ema", "1.0", "--ema must lie in [0, 1)"), ("--ema", "nan", "--ema must lie"),
+                              ("--erasing", "1.5", "--erasing must be a probability in [0, 1], got 1.5"),
+                              ("--mixup", "-0.2", "--mixup and --cutmix must be >= 0"),
+                              ("--cutmix", "-1", "--mixup and --cutmix must be >= 0")):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--data", str(tmp_path), flag, value])
+        assert said in capsys.readouterr().err, flag
+
+
 def test_eval_reproduces_the_reported_accuracy(trained_run, small_fer, tmp_path, capsys):
     out, cache = trained_run
     cli.main(["eval", str(out / "official" / "best.pt"), "--data", str(small_fer), "--cache-dir", str(cache),

@@ -13,10 +13,10 @@ from fercuda.data.datasets import (
     load_faces,
 )
 from fercuda.data.paths import FER2013_ENV, default_fer2013_root
-from fercuda.data.transforms import augment, fer_input
+from fercuda.data.transforms import augment, fer_input, mix_batch, random_erasing
 
 __all__ = [
     "CKPLUS_CLASSES", "FER2013_ENV", "FER_ALIASES", "FER_CLASSES", "FER_SPLITS", "DataError", "FaceData",
     "augment", "default_cache_dir", "default_fer2013_root", "detect_format", "fer_input", "kfold_assignments",
-    "load_faces",
+    "load_faces", "mix_batch", "random_erasing",
 ]
