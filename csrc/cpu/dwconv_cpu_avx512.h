@@ -284,51 +284,99 @@ void bn_relu6_grad_row(const float* z, const In* g, int64_t w_out, int64_t chann
                                     k_xhat, k_one, gz, sum_ga, sum_gx, sum_gz);
 }
 
-// gw[t][c] += the sum over one output row of gz[ox][c] times the input under tap t; the nine
-// sums of a channel block stay in registers along the row.
-template <bool kFull, typename In>
-__attribute__((always_inline)) inline void grad_weight_block(const In* const rows[3], int64_t width, int64_t channels,
-                                                             int64_t padding, int64_t stride, const float* gz,
-                                                             int64_t w_out, int64_t c0, __mmask16 m, float* gw) {
-  __m512 acc[9];
-  for (int t = 0; t < 9; ++t) acc[t] = _mm512_maskz_loadu_ps(m, gw + t * channels + c0);
-  for (int64_t ox = 0; ox < w_out; ++ox) {
-    const __m512 gv = load16<kFull>(gz + ox * channels + c0, m);
-    const int64_t ix0 = ox * stride - padding;
-    if (ix0 >= 0 && ix0 + 2 < width) {
+// acc[t] += the sum over output columns ox0 .. ox0 + B - 1 of gz[ox][c] times the input under
+// tap t, for one channel block: the block's gz stay in registers and each input column of a
+// kernel row is loaded (and widened) once for the taps of every output whose window holds it,
+// as window_block does for the forward (kEdge: some columns outside [0, width), skipped). Each
+// tap's sum takes the outputs in order of ox, as a loop over ox would.
+template <int B, int S, bool kEdge, bool kFull, typename In>
+__attribute__((always_inline)) inline void grad_weight_cols(const In* const rows[3], int64_t ix0, int64_t width,
+                                                            int64_t channels, int64_t c0, __mmask16 m,
+                                                            const float* gz_c0, __m512 acc[9]) {
+  constexpr int kCols = (B - 1) * S + 3;
+  __m512 gv[B];
+#pragma GCC unroll 8
+  for (int i = 0; i < B; ++i) gv[i] = load16<kFull>(gz_c0 + i * channels, m);
 #pragma GCC unroll 3
-      for (int ky = 0; ky < 3; ++ky) {
-        if (rows[ky] == nullptr) continue;
-        const In* p = rows[ky] + ix0 * channels + c0;
+  for (int ky = 0; ky < 3; ++ky) {
+    if (rows[ky] == nullptr) continue;
+    const In* base = rows[ky] + ix0 * channels + c0;
+#pragma GCC unroll 24
+    for (int j = 0; j < kCols; ++j) {
+      if (kEdge && (ix0 + j < 0 || ix0 + j >= width)) continue;
+      const __m512 v = load16<kFull>(base + j * channels, m);
 #pragma GCC unroll 3
-        for (int kx = 0; kx < 3; ++kx)
-          acc[ky * 3 + kx] = _mm512_fmadd_ps(gv, load16<kFull>(p + kx * channels, m), acc[ky * 3 + kx]);
-      }
-    } else {
-#pragma GCC unroll 3
-      for (int ky = 0; ky < 3; ++ky) {
-        if (rows[ky] == nullptr) continue;
-#pragma GCC unroll 3
-        for (int kx = 0; kx < 3; ++kx) {
-          const int64_t ix = ix0 + kx;
-          if (ix < 0 || ix >= width) continue;
-          acc[ky * 3 + kx] =
-              _mm512_fmadd_ps(gv, load16<kFull>(rows[ky] + ix * channels + c0, m), acc[ky * 3 + kx]);
-        }
+      for (int kx = 0; kx < 3; ++kx) {
+        const int i = (j - kx) / S;
+        if (j - kx < 0 || (j - kx) % S != 0 || i >= B) continue;
+        acc[ky * 3 + kx] = _mm512_fmadd_ps(gv[i], v, acc[ky * 3 + kx]);
       }
     }
+  }
+}
+
+template <int B, int S, bool kFull, typename In>
+__attribute__((always_inline)) inline void grad_weight_at(const In* const rows[3], int64_t ox0, int64_t width,
+                                                          int64_t channels, int64_t padding, int64_t c0, __mmask16 m,
+                                                          const float* gz, __m512 acc[9]) {
+  const int64_t ix0 = ox0 * S - padding;
+  const float* gz_c0 = gz + ox0 * channels + c0;
+  if (ix0 >= 0 && ix0 + (B - 1) * S + 2 < width) {
+    grad_weight_cols<B, S, false, kFull>(rows, ix0, width, channels, c0, m, gz_c0, acc);
+  } else {
+    grad_weight_cols<B, S, true, kFull>(rows, ix0, width, channels, c0, m, gz_c0, acc);
+  }
+}
+
+// gw[t][c] += the sum over one output row of gz[ox][c] times the input under tap t; the nine
+// sums of a channel block stay in registers along the row, which goes in blocks of 8 output
+// columns and the rest in one block, as the forward's rows do.
+template <int S, bool kFull, typename In>
+__attribute__((always_inline)) inline void grad_weight_block(const In* const rows[3], int64_t width, int64_t channels,
+                                                             int64_t padding, const float* gz, int64_t w_out,
+                                                             int64_t c0, __mmask16 m, float* gw) {
+  __m512 acc[9];
+  for (int t = 0; t < 9; ++t) acc[t] = _mm512_maskz_loadu_ps(m, gw + t * channels + c0);
+  int64_t ox = 0;
+  for (; ox + 8 <= w_out; ox += 8) grad_weight_at<8, S, kFull>(rows, ox, width, channels, padding, c0, m, gz, acc);
+  switch (w_out - ox) {
+#define FERCUDA_GRAD_WEIGHT_REST(B) \
+  case B:                           \
+    grad_weight_at<B, S, kFull>(rows, ox, width, channels, padding, c0, m, gz, acc); \
+    break;
+    FERCUDA_GRAD_WEIGHT_REST(7)
+    FERCUDA_GRAD_WEIGHT_REST(6)
+    FERCUDA_GRAD_WEIGHT_REST(5)
+    FERCUDA_GRAD_WEIGHT_REST(4)
+    FERCUDA_GRAD_WEIGHT_REST(3)
+    FERCUDA_GRAD_WEIGHT_REST(2)
+    FERCUDA_GRAD_WEIGHT_REST(1)
+#undef FERCUDA_GRAD_WEIGHT_REST
+    default:
+      break;
   }
   for (int t = 0; t < 9; ++t) _mm512_mask_storeu_ps(gw + t * channels + c0, m, acc[t]);
 }
 
+template <int S, typename In>
+void grad_weight_row_strided(const In* const rows[3], int64_t width, int64_t channels, int64_t padding,
+                             const float* gz, int64_t w_out, float* gw) {
+  int64_t c0 = 0;
+  for (; c0 + kLanes16 <= channels; c0 += kLanes16)
+    grad_weight_block<S, true>(rows, width, channels, padding, gz, w_out, c0, 0xFFFF, gw);
+  if (c0 < channels)
+    grad_weight_block<S, false>(rows, width, channels, padding, gz, w_out, c0, lanes_mask(channels - c0), gw);
+}
+
+// stride 1 or 2 (the op's strides).
 template <typename In>
 void grad_weight_row(const In* const rows[3], int64_t width, int64_t channels, int64_t padding, int64_t stride,
                      const float* gz, int64_t w_out, float* gw) {
-  int64_t c0 = 0;
-  for (; c0 + kLanes16 <= channels; c0 += kLanes16)
-    grad_weight_block<true>(rows, width, channels, padding, stride, gz, w_out, c0, 0xFFFF, gw);
-  if (c0 < channels)
-    grad_weight_block<false>(rows, width, channels, padding, stride, gz, w_out, c0, lanes_mask(channels - c0), gw);
+  if (stride == 1) {
+    grad_weight_row_strided<1>(rows, width, channels, padding, gz, w_out, gw);
+  } else {
+    grad_weight_row_strided<2>(rows, width, channels, padding, gz, w_out, gw);
+  }
 }
 
 // dst[i] = src[i] narrowed to Out (a copy for float).

@@ -129,7 +129,8 @@ void merge_batch_stats(const P* pm, const P* pq, int64_t parts, int64_t part_cou
 }
 
 // sum_over_batch with the channels in parallel (each channel's sum in the same order).
-void sum_over_batch_parallel(const double* part, const SlotLayout& l, int64_t n, int64_t channels, int first, int last,
+template <typename P>
+void sum_over_batch_parallel(const P* part, const SlotLayout& l, int64_t n, int64_t channels, int first, int last,
                              double* sums) {
   at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
     sum_over_batch(part, l, n, begin, end, first, last, sums);
@@ -472,7 +473,10 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
   const float* b = p.b.const_data_ptr<float>();
   const float* bw = p.bn_w.const_data_ptr<float>();
   const float* bb = p.bn_b.const_data_ptr<float>();
-  std::vector<double> part(g.n * kSlots * C);  // image n's slot s of channel c at (n * kSlots + s) * C + c
+  // Image n's slot s of channel c at (n * kSlots + s) * C + c: the image's float sums, widened
+  // exactly when they are added over the batch. Uninitialized: the passes write every slot read.
+  const std::unique_ptr<float[]> part_buf(new float[g.n * kSlots * C]);
+  float* const part = part_buf.get();
   const SlotLayout layout{kSlots * C, 1, C};
   // The conv row of output row oy of image n, and the input rows under it.
   auto conv_z = [&](int64_t n, int64_t oy, const scalar_t* rows[3], float* z) {
@@ -499,10 +503,10 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
                                            nullptr, nullptr, nullptr, nullptr, sums.data(), sums.data() + C,
                                            nullptr);
         }
-        std::copy(sums.begin(), sums.end(), part.data() + n * kSlots * C);
+        std::copy(sums.begin(), sums.end(), part + n * kSlots * C);
       }
     });
-    sum_over_batch_parallel(part.data(), layout, g.n, C, 0, 2, sd);
+    sum_over_batch_parallel(part, layout, g.n, C, 0, 2, sd);
   }
   std::vector<float> k_ga(C), k_xhat(C), k_one(C);
   {
@@ -539,7 +543,7 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
                                         k_ga.data(), k_xhat.data(), k_one.data(), gzr, s_ga, s_ga + C, s_ga + 2 * C);
         avx512::grad_weight_row(rows, g.w, C, g.padding, g.stride, gzr, g.w_out, s_ga + 3 * C);
       }
-      std::copy(sums.begin() + first * C, sums.end(), part.data() + (n * kSlots + first) * C);
+      std::copy(sums.begin() + first * C, sums.end(), part + (n * kSlots + first) * C);
       for (int64_t iy = 0; iy < g.h; ++iy) {
         scalar_t* dst = gxd + (n * g.h + iy) * row_in;
         if (mirrored) {
@@ -556,7 +560,7 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
       }
     }
   });
-  sum_over_batch_parallel(part.data(), layout, g.n, C, first, kSlots, sd);
+  sum_over_batch_parallel(part, layout, g.n, C, first, kSlots, sd);
 }
 
 void backward_avx512_entry(const at::Tensor& x, const at::Tensor& grad_out, const ChannelParams& p,
