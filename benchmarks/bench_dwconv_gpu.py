@@ -98,7 +98,7 @@ def test_training_forward_backward(benchmark, shape, channels_last):
     grad_out = torch.randn_like(x)
 
     def fused_cuda():
-        out, mean, invstd, _, _ = torch.ops.fercuda.dwconv_bn_relu6_train(
+        out, mean, invstd, _, _, _ = torch.ops.fercuda.dwconv_bn_relu6_train(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 1, 1, 1e-5, 0.1)
         return torch.ops.fercuda.dwconv_bn_relu6_backward(
             grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, 1, 1, True)

@@ -89,22 +89,26 @@ TORCH_LIBRARY(fercuda, m) {
       "dwconv_bn_relu6(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor running_mean, Tensor running_var, int stride=1, int padding=1, float eps=1e-5) -> Tensor");
   // Training: batch statistics. Returns (out, save_mean, save_invstd, new_running_mean,
-  // new_running_var): save_* float32 (C,) for the backward (float64 where x is float64);
-  // new_running_* the running statistics updated as nn.BatchNorm2d does (momentum, unbiased
-  // variance), in the dtype of running_mean / running_var. The op is functional
-  // (torch.library.register_autograd refuses ops that mutate their inputs);
-  // fercuda.ops.dwconv_bn_relu6 copies the new statistics into the buffers.
+  // new_running_var, save_z): save_mean / save_invstd float32 (C,) for the backward (float64
+  // where x is float64); new_running_* the running statistics updated as nn.BatchNorm2d does
+  // (momentum, unbiased variance), in the dtype of running_mean / running_var; save_z the conv
+  // output conv(x, weight) + bias in x's dtype and out's shape and layout on the CPU, which the
+  // backward reads instead of computing the conv again, and an empty (0,) tensor on CUDA,
+  // whose backward computes it. The op is functional (torch.library.register_autograd refuses
+  // ops that mutate their inputs); fercuda.ops.dwconv_bn_relu6 copies the new statistics into
+  // the buffers.
   m.def(
       "dwconv_bn_relu6_train(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor running_mean, Tensor running_var, int stride=1, int padding=1, float eps=1e-5, "
-      "float momentum=0.1) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float momentum=0.1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients (x, weight, bias, bn_weight, bn_bias) from grad_out. training=True: mean/invstd
   // are the saved batch statistics and flow into the gradient; training=False: they are the
-  // running statistics (invstd = 1/sqrt(running_var + eps)), constants. grad_bias has shape
-  // (C,) even where bias is None.
+  // running statistics (invstd = 1/sqrt(running_var + eps)), constants. z: the train op's
+  // save_z, or None (the conv is computed again; so is it where a backend does not read z).
+  // grad_bias has shape (C,) even where bias is None.
   m.def(
       "dwconv_bn_relu6_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, "
-      "Tensor bn_bias, Tensor mean, Tensor invstd, int stride, int padding, bool training) "
+      "Tensor bn_bias, Tensor mean, Tensor invstd, int stride, int padding, bool training, Tensor? z=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- BatchNorm + ReLU6 (relu6=False: no activation) + an optional residual added, what follows

@@ -24,16 +24,18 @@ def _grads(ctx, grads):
 
 def _train_setup_context(ctx, inputs, output):
     x, weight, bias, bn_weight, bn_bias, _running_mean, _running_var, stride, padding, _eps, _momentum = inputs
-    _out, save_mean, save_invstd, _new_mean, _new_var = output
+    _out, save_mean, save_invstd, _new_mean, _new_var, save_z = output
     ctx.has_bias = bias is not None
     ctx.stride, ctx.padding = stride, padding
-    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, save_mean, save_invstd)
+    # save_z: the conv output, which the backward reads instead of computing it again (empty
+    # where the backend does not keep it).
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, save_mean, save_invstd, save_z)
 
 
-def _train_backward(backward_op, ctx, grad_out, *_grad_statistics):
-    x, weight, bias, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+def _train_backward(backward_op, ctx, grad_out, *_grad_outputs):
+    x, weight, bias, bn_weight, bn_bias, mean, invstd, z = ctx.saved_tensors
     grads = backward_op(
-        grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, ctx.stride, ctx.padding, True
+        grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, ctx.stride, ctx.padding, True, z
     )
     # The statistics outputs and the running_mean / running_var inputs are not differentiated.
     return (*_grads(ctx, grads), None, None, None, None, None, None)

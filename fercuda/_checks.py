@@ -282,6 +282,28 @@ def check_dwconv_grad_out(op, grad_out, x, out):
     check_like_x(grad_out, "grad_out", x, op)
 
 
+def check_dwconv_saved_z(op, z, x, out):
+    """The backward's z (the train op's save_z): None, an empty tensor, or the output's shape on
+    x's device in the accumulation type (float32; float64 for float64 x)."""
+    if z is None or z.numel() == 0:
+        return
+    _check(
+        z.dim() == 4 and tuple(z.shape) == tuple(out),
+        lambda: f"fercuda.{op}: argument 'z' must be empty or have the output's shape ({out[0]}, {out[1]}, "
+        f"{out[2]}, {out[3]}), got {shape_str(z)}",
+    )
+    _check(
+        z.device == x.device,
+        lambda: f"fercuda.{op}: arguments 'x' and 'z' must be on the same device, got {x.device} and {z.device}",
+    )
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    _check(
+        z.dtype == acc,
+        lambda: f"fercuda.{op}: argument 'z' must be a {dtype_name(acc)} tensor (the conv output in the "
+        f"accumulation type), got {dtype_name(z.dtype)}",
+    )
+
+
 def check_dwconv_batch_stats(op, n, c, h_out, w_out):
     """BatchNorm's batch statistics need two values per channel, as nn.BatchNorm2d demands."""
     if n * c * h_out * w_out != 0:

@@ -15,6 +15,7 @@ from fercuda._checks import (
     check_dwconv_batch_stats,
     check_dwconv_eps,
     check_dwconv_grad_out,
+    check_dwconv_saved_z,
     check_dwconv_momentum,
     check_gradient_kind,
     check_image,
@@ -84,8 +85,13 @@ def _dwconv_memory_format(x):
     return torch.channels_last if dwconv_channels_last(x) else torch.contiguous_format
 
 
-def _dwconv_empty(x, shape):
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_dwconv_memory_format(x))
+def _dwconv_empty(x, shape, dtype=None):
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=_dwconv_memory_format(x))
+
+
+# The largest conv output (values) the C++ CPU training op keeps for the backward (save_z):
+# kKeepZValues in csrc/cpu/dwconv_cpu_paths.h.
+KEEP_Z_VALUES = 2 << 20
 
 
 @torch.library.register_fake("fercuda::dwconv_bn_relu6")
@@ -99,28 +105,35 @@ def _dwconv_bn_relu6_fake(x, weight, bias, bn_weight, bn_bias, running_mean, run
 
 @torch.library.register_fake("fercuda::dwconv_bn_relu6_train")
 def _dwconv_bn_relu6_train_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=1,
-                                padding=1, eps=1e-5, momentum=0.1, *, op="dwconv_bn_relu6_train", allow_double=None):
+                                padding=1, eps=1e-5, momentum=0.1, *, op="dwconv_bn_relu6_train", allow_double=None,
+                                saves_z=None):
     n, c, h_out, w_out = dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                            stride, padding, allow_double=allow_double)
     check_dwconv_eps(op, eps)
     check_dwconv_momentum(op, momentum)
     check_dwconv_batch_stats(op, n, c, h_out, w_out)
     stats = x.new_empty((c,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    # save_z: the conv output in the statistics' dtype where the backend keeps it for the
+    # backward (the C++ CPU kernels, outputs of at most KEEP_Z_VALUES values), else empty.
+    keeps_z = x.device.type == "cpu" if saves_z is None else saves_z
+    keeps_z = keeps_z and n * c * h_out * w_out <= KEEP_Z_VALUES
     return (
         _dwconv_empty(x, (n, c, h_out, w_out)),
         stats,
         stats.new_empty((c,)),
         running_mean.new_empty((c,)),
         running_var.new_empty((c,)),
+        _dwconv_empty(x, (n, c, h_out, w_out), stats.dtype) if keeps_z else stats.new_empty((0,)),
     )
 
 
 @torch.library.register_fake("fercuda::dwconv_bn_relu6_backward")
 def _dwconv_bn_relu6_backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
-                                   training, *, op="dwconv_bn_relu6_backward", allow_double=None):
+                                   training, z=None, *, op="dwconv_bn_relu6_backward", allow_double=None):
     out = dwconv_out_shape(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, "mean",
                             "invstd", allow_double=allow_double)
     check_dwconv_grad_out(op, grad_out, x, out)
+    check_dwconv_saved_z(op, z, x, out)
     c = x.shape[1]
     return (
         _dwconv_empty(x, tuple(x.shape)),
@@ -131,11 +144,12 @@ def _dwconv_bn_relu6_backward_fake(grad_out, x, weight, bias, bn_weight, bn_bias
     )
 
 
-def register_dwconv_fakes(suffix, allow_double):
+def register_dwconv_fakes(suffix, allow_double, saves_z):
     """The fakes above for the ops fercuda::dwconv_bn_relu6{suffix}, _train{suffix} and
-    _backward{suffix} of another backend: one set of shape rules and checks for every backend."""
+    _backward{suffix} of another backend: one set of shape rules and checks for every backend.
+    saves_z: whether its train op returns the conv output (else an empty save_z)."""
     for name, fake in (("dwconv_bn_relu6", _dwconv_bn_relu6_fake),
-                       ("dwconv_bn_relu6_train", _dwconv_bn_relu6_train_fake),
+                       ("dwconv_bn_relu6_train", functools.partial(_dwconv_bn_relu6_train_fake, saves_z=saves_z)),
                        ("dwconv_bn_relu6_backward", _dwconv_bn_relu6_backward_fake)):
         torch.library.register_fake(f"fercuda::{name}{suffix}",
                                     functools.partial(fake, op=name + suffix, allow_double=allow_double))

@@ -225,7 +225,7 @@ def dwconv_bn_relu6(
         _check_device("dwconv_bn_relu6", x)
         suffix = ""
     if training:
-        out, _, _, new_mean, new_var = getattr(torch.ops.fercuda, "dwconv_bn_relu6_train" + suffix)(
+        out, _, _, new_mean, new_var, _ = getattr(torch.ops.fercuda, "dwconv_bn_relu6_train" + suffix)(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride, padding, eps, momentum
         )
         with torch.no_grad():

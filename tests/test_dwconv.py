@@ -160,7 +160,7 @@ def op(backend, kind=""):
 def train(backend, inputs, stride, running_mean, running_var, padding=1):
     """(out, save_mean, save_invstd); the new running statistics copied into the buffers, as
     fercuda.ops.dwconv_bn_relu6 does."""
-    out, mean, invstd, new_mean, new_var = op(backend, "_train")(
+    out, mean, invstd, new_mean, new_var, _ = op(backend, "_train")(
         *inputs[:5], running_mean, running_var, stride, padding, 1e-5, 0.1)
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
@@ -269,7 +269,8 @@ def test_training_forward(backend, shape, channels_last, dtype, rng):
     n, c, h, w, stride = shape
     inputs = sample_inputs(device_of(backend), dtype, rng, n=n, c=c, h=h, w=w, channels_last=channels_last)
     rm, rv = inputs[5].clone(), inputs[6].clone()
-    y, save_mean, save_invstd, new_mean, new_var = op(backend, "_train")(*inputs[:5], rm, rv, stride, 1, 1e-5, 0.3)
+    y, save_mean, save_invstd, new_mean, new_var, save_z = op(backend, "_train")(*inputs[:5], rm, rv, stride, 1, 1e-5,
+                                                                                  0.3)
     assert torch.equal(rm, inputs[5]) and torch.equal(rv, inputs[6])  # the op is functional
     assert y.is_contiguous(memory_format=memory_format(channels_last))
     ref_mean, ref_var = inputs[5].double().clone(), inputs[6].double().clone()
@@ -289,6 +290,15 @@ def test_training_forward(backend, shape, channels_last, dtype, rng):
     assert new_mean.dtype == inputs[5].dtype and new_var.dtype == inputs[6].dtype
     assert_stats_close(new_mean, ref_mean, tol, "new_running_mean")
     assert_stats_close(new_var, ref_var, tol, "new_running_var")
+    # save_z: the conv output in float32 and y's layout, kept for the backward by the CPU kernels
+    # (outputs this small always); the other backends keep none.
+    assert save_z.dtype == torch.float32
+    if kernel_backend(backend) != "cpu":
+        assert save_z.shape == (0,)
+    else:
+        z64 = conv64(inputs, stride)
+        assert save_z.shape == y.shape and save_z.stride() == y.stride()
+        torch.testing.assert_close(save_z.double(), z64, rtol=1e-5, atol=1e-5 * max(1.0, float(z64.abs().max())))
 
 
 @pytest.mark.parametrize(**LAYOUTS)
@@ -362,10 +372,12 @@ def test_training_op_empty_batch_matches_cpp(backend):
     inputs = sample_inputs("cpu", torch.float32, torch.Generator().manual_seed(3), n=0)
     cpp = OPS.dwconv_bn_relu6_train(*inputs)
     got = op(backend, "_train")(*[t.to(device_of(backend)) for t in inputs])
-    assert len(got) == len(cpp) == 5
-    for a, b in zip(cpp, got):
+    assert len(got) == len(cpp) == 6
+    for a, b in zip(cpp[:5], got[:5]):
         assert torch.equal(a, b.cpu())
     assert torch.equal(got[3].cpu(), inputs[5]) and torch.equal(got[4].cpu(), inputs[6])
+    # save_z: the CPU kernels' (empty) conv output; the other backends keep none.
+    assert cpp[5].shape == cpp[0].shape and got[5].shape == (0,)
 
 
 @pytest.mark.parametrize("momentum", (0.0, 1.0, 0.25))
@@ -374,7 +386,7 @@ def test_training_op_momentum_matches_cpp(backend, momentum, rng):
     inputs = sample_inputs("cpu", torch.float32, rng)
     cpp = OPS.dwconv_bn_relu6_train(*inputs, 1, 1, 1e-5, momentum)
     got = op(backend, "_train")(*[t.to(device_of(backend)) for t in inputs], 1, 1, 1e-5, momentum)
-    for a, b in zip(cpp[3:], got[3:]):
+    for a, b in zip(cpp[3:5], got[3:5]):
         torch.testing.assert_close(b.cpu(), a)
     if momentum == 0.0:
         assert torch.equal(got[3].cpu(), inputs[5]) and torch.equal(got[4].cpu(), inputs[6])
@@ -513,7 +525,7 @@ def test_gradients_without_conv_bias(backend, rng):
     for leaf, exp in zip(leaves, expected):
         if leaf is not None:
             assert_close_fp32(leaf.grad, exp, scale=max(1.0, float(expected[0].abs().max())))
-    _, mean, invstd, _, _ = op(backend, "_train")(*inputs)
+    _, mean, invstd, _, _, _ = op(backend, "_train")(*inputs)
     grads = backward(backend, grad_out, inputs, mean, invstd, 1, True)
     assert grads[2].shape == (3,)
 
@@ -621,7 +633,7 @@ def test_opcheck(backend, shape, rng):
         for stride in (1, 2):
             torch.library.opcheck(op(backend).default, (*leaves, *inputs[5:], stride, 1, 1e-5))
             torch.library.opcheck(op(backend, "_train").default, (*leaves, *inputs[5:], stride, 1, 1e-5, 0.1))
-        out, mean, invstd, _, _ = op(backend, "_train")(*inputs, 1, 1, 1e-5, 0.1)
+        out, mean, invstd, _, _, _ = op(backend, "_train")(*inputs, 1, 1, 1e-5, 0.1)
         grad = torch.randn(out.shape, generator=rng).to(device)
         frozen = (inputs[5].clone(), torch.rsqrt(inputs[6] + 1e-5))
         for training, stats in ((False, frozen), (True, (mean, invstd))):

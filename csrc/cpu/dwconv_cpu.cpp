@@ -53,10 +53,12 @@ Geometry geometry(const at::Tensor& x, const std::array<int64_t, 4>& out, int64_
   return {x.size(0), x.size(1), x.size(2), x.size(3), out[2], out[3], stride, padding};
 }
 
-at::Tensor empty_output(const at::Tensor& x, const std::array<int64_t, 4>& out, bool channels_last) {
+at::Tensor empty_output(const at::Tensor& x, const std::array<int64_t, 4>& out, bool channels_last,
+                        c10::optional<at::ScalarType> dtype = c10::nullopt) {
   return at::empty({out[0], out[1], out[2], out[3]},
-                   x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                           : at::MemoryFormat::Contiguous));
+                   x.options()
+                       .dtype(dtype.value_or(x.scalar_type()))
+                       .memory_format(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
 }
 
 template <typename T>
@@ -123,7 +125,7 @@ at::Tensor dwconv_bn_relu6_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& running_mean,
     const at::Tensor& running_var,
@@ -140,10 +142,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   // float32 statistics, or float64 for float64 x (as native batch_norm saves them).
   const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto stats_opts = x.options().dtype(stats_dtype);
+  // save_z: the conv output in the accumulation type (the dtype of the statistics), kept for the
+  // backward where it is small enough to stay in cache; else empty (the backward computes it).
+  at::Tensor z = y.numel() <= kKeepZValues ? empty_output(x, out, cl, stats_dtype) : at::empty({0}, stats_opts);
   if (y.numel() == 0) {
     // nn.BatchNorm2d leaves the running statistics alone on an empty batch.
     return {y, at::zeros({channels}, stats_opts), at::ones({channels}, stats_opts), running_mean.clone(),
-            running_var.clone()};
+            running_var.clone(), z};
   }
   check_dwconv_batch_stats(op, out[0], out[1], out[2], out[3]);
   const Geometry g = geometry(x, out, stride, padding);
@@ -156,16 +161,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     double* mean_d = batch_mean.mutable_data_ptr<double>();
     double* var_d = batch_var.mutable_data_ptr<double>();
     const Path& path = active_path();
-    // Pass 1: conv -> per-part mean / M2 (parts of equal size), then Chan's combination; the
-    // path may keep z in y.
-    const bool z_in_y = path.batch_stats(x, p, g, cl, mean_d, var_d, y);
+    // Pass 1: conv -> z, and per-part mean / M2 (parts of equal size), then Chan's combination.
+    at::Tensor z_keep = z.numel() > 0 ? z : at::Tensor();
+    const bool from_z = path.batch_stats(x, p, g, cl, mean_d, var_d, z_keep, y);
     const at::Tensor mean_t = batch_mean.to(c10::CppTypeToScalarType<T>::value);
     const at::Tensor invstd_t = at::rsqrt(batch_var + eps).to(c10::CppTypeToScalarType<T>::value);
-    if (z_in_y) {
-      // Pass 2 from z: y = relu6((z - mean) * invstd * bn_w + bn_b), in place.
+    if (from_z) {
+      // Pass 2 from z: y = relu6((z - mean) * invstd * bn_w + bn_b).
       const at::Tensor scale = p.bn_w * invstd_t;
       const at::Tensor shift = p.bn_b - mean_t * scale;
-      path.normalize_relu6(y, scale, shift, g);
+      path.normalize_relu6(z_keep.defined() ? z_keep : y, y, scale, shift, g);
     } else {
       // Pass 2: recompute the conv, normalize with the batch statistics, ReLU6, write y.
       auto [wf, shift] = fold<T>(p, mean_t, invstd_t, g.c);
@@ -178,20 +183,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
                             .to(running_mean.scalar_type());
   at::Tensor new_var = (running_var.to(at::kDouble) * (1.0 - momentum) + batch_var * (unbias * momentum))
                            .to(running_var.scalar_type());
-  return {y, batch_mean.to(stats_dtype), at::rsqrt(batch_var + eps).to(stats_dtype), new_mean, new_var};
+  return {y, batch_mean.to(stats_dtype), at::rsqrt(batch_var + eps).to(stats_dtype), new_mean, new_var, z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-    const at::Tensor& mean, const at::Tensor& invstd, int64_t stride, int64_t padding, bool training) {
+    const at::Tensor& mean, const at::Tensor& invstd, int64_t stride, int64_t padding, bool training,
+    const c10::optional<at::Tensor>& z_in) {
   const char* op = "dwconv_bn_relu6_backward";
   const auto out = check_dwconv_args(op, x_in, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
                                      "mean", "invstd", /*allow_double=*/true);
   check_dwconv_grad_out(op, grad_out_in, x_in, out);
+  check_dwconv_saved_z(op, z_in, x_in, out);
   const bool cl = dwconv_channels_last(x_in);
   const at::Tensor x = as_layout(x_in, cl);
   const at::Tensor grad_out = as_layout(grad_out_in, cl);
+  const at::Tensor z = z_in.has_value() && z_in->defined() && z_in->numel() > 0 ? as_layout(*z_in, cl) : at::Tensor();
   const int64_t channels = out[1];
   at::Tensor grad_x = at::empty_like(x);  // x's layout
   at::Tensor grad_w = at::empty({channels, 1, 3, 3}, weight.options());
@@ -213,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     using T = acc_type_t<scalar_t>;
     const auto p = channel_params<T>(weight, bias, bn_weight, bn_bias, g.c);
     const at::Tensor mean_t = widen<T>(mean), invstd_t = widen<T>(invstd);
-    active_path().backward(x, grad_out, p, mean_t, invstd_t, g, cl, training, count, grad_x,
+    active_path().backward(x, z, grad_out, p, mean_t, invstd_t, g, cl, training, count, grad_x,
                            sums.mutable_data_ptr<double>());
   });
   grad_bn_b.copy_(sums.select(1, 0));

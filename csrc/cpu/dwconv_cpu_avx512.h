@@ -232,11 +232,11 @@ inline void row_mean_m2(const float* z, int64_t w_out, int64_t channels, float* 
 
 // ---- Backward ------------------------------------------------------------------------------
 
-// One output row of the backward, per channel: from the conv row z (float) and the gradient
-// row g, the ReLU6 mask and xhat; the row's sums of ga and ga * xhat added to sum_ga, sum_gx;
+// One output row of the backward, per channel: from the conv row z (float, or the saved z in
+// x's dtype) and the gradient row g, the ReLU6 mask and xhat; the row's sums of ga and ga * xhat added to sum_ga, sum_gx;
 // when kGz, gz = k_ga * ga + k_xhat * xhat + k_one stored (float) and summed into sum_gz.
-template <bool kGz, bool kFull, typename In>
-__attribute__((always_inline)) inline void bn_relu6_grad_block(const float* z, const In* g, int64_t w_out,
+template <bool kGz, bool kFull, typename Z, typename In>
+__attribute__((always_inline)) inline void bn_relu6_grad_block(const Z* z, const In* g, int64_t w_out,
                                                                int64_t channels, int64_t c0, __mmask16 m,
                                                                const float* mu, const float* is, const float* bw,
                                                                const float* bb, const float* k_ga,
@@ -271,8 +271,8 @@ __attribute__((always_inline)) inline void bn_relu6_grad_block(const float* z, c
   if (kGz) _mm512_mask_storeu_ps(sum_gz + c0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sum_gz + c0), s_gz));
 }
 
-template <bool kGz, typename In>
-void bn_relu6_grad_row(const float* z, const In* g, int64_t w_out, int64_t channels, const float* mu,
+template <bool kGz, typename Z, typename In>
+void bn_relu6_grad_row(const Z* z, const In* g, int64_t w_out, int64_t channels, const float* mu,
                        const float* is, const float* bw, const float* bb, const float* k_ga, const float* k_xhat,
                        const float* k_one, float* gz, float* sum_ga, float* sum_gx, float* sum_gz) {
   int64_t c0 = 0;
@@ -387,21 +387,22 @@ void convert_row(const float* src, int64_t n, Out* dst) {
   if (i < n) store16<false>(dst + i, lanes_mask(n - i), _mm512_maskz_loadu_ps(lanes_mask(n - i), src + i));
 }
 
-// y[p][c] = relu6(y[p][c] * scale[c] + shift[c]) for `pixels` rows of C channels, in place,
-// along memory (scale and shift stay in L1).
-template <typename T>
-void scale_shift_relu6(T* y, int64_t pixels, int64_t channels, const float* scale, const float* shift) {
+// y[p][c] = relu6(z[p][c] * scale[c] + shift[c]) for `pixels` rows of C channels, along memory
+// (scale and shift stay in L1); z float, or y itself (in place).
+template <typename S, typename T>
+void scale_shift_relu6(const S* z, T* y, int64_t pixels, int64_t channels, const float* scale, const float* shift) {
   for (int64_t p = 0; p < pixels; ++p) {
+    const S* src = z + p * channels;
     T* row = y + p * channels;
     int64_t c0 = 0;
     for (; c0 + kLanes16 <= channels; c0 += kLanes16) {
-      const __m512 v = _mm512_fmadd_ps(load16<true>(row + c0, 0xFFFF), _mm512_loadu_ps(scale + c0),
+      const __m512 v = _mm512_fmadd_ps(load16<true>(src + c0, 0xFFFF), _mm512_loadu_ps(scale + c0),
                                        _mm512_loadu_ps(shift + c0));
       store16<true>(row + c0, 0xFFFF, relu6(v));
     }
     if (c0 < channels) {
       const __mmask16 m = lanes_mask(channels - c0);
-      const __m512 v = _mm512_fmadd_ps(load16<false>(row + c0, m), _mm512_maskz_loadu_ps(m, scale + c0),
+      const __m512 v = _mm512_fmadd_ps(load16<false>(src + c0, m), _mm512_maskz_loadu_ps(m, scale + c0),
                                        _mm512_maskz_loadu_ps(m, shift + c0));
       store16<false>(row + c0, m, relu6(v));
     }

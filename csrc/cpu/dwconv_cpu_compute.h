@@ -139,7 +139,9 @@ void sum_over_batch_parallel(const P* part, const SlotLayout& l, int64_t n, int6
 
 // NCHW: per-plane mean / M2 (the wide plane's scratch entries masked out).
 template <typename scalar_t, typename T>
-void batch_stats_nchw(const at::Tensor& x, const ChannelParams& p, const Geometry& g, double* mean, double* var) {
+void batch_stats_nchw(const at::Tensor& x, const ChannelParams& p, const Geometry& g, double* mean, double* var,
+                      at::Tensor& z_keep) {
+  T* zd = z_keep.defined() ? z_keep.mutable_data_ptr<T>() : nullptr;
   const T* w = p.w.template const_data_ptr<T>();
   const T* b = p.b.template const_data_ptr<T>();
   std::vector<double> pm(g.n * g.c), pq(g.n * g.c);
@@ -154,6 +156,9 @@ void batch_stats_nchw(const at::Tensor& x, const ChannelParams& p, const Geometr
       const int64_t c = q % g.c;
       conv_plane(xd + q * g.h * g.w, g, w + c * kTaps, b[c], len, xp.data(), z.data());
       mean_m2_wide(z.data(), valid.data(), len, plane_out, pm[q], pq[q]);
+      if (zd != nullptr)
+        for (int64_t oy = 0; oy < g.h_out; ++oy)
+          std::copy(z.data() + oy * g.wp(), z.data() + oy * g.wp() + g.w_out, zd + q * plane_out + oy * g.w_out);
     }
   });
   merge_batch_stats(pm.data(), pq.data(), g.n, plane_out, g, mean, var);
@@ -161,14 +166,20 @@ void batch_stats_nchw(const at::Tensor& x, const ChannelParams& p, const Geometr
 
 // channels_last: per-row mean / M2.
 template <typename scalar_t, typename T>
-void batch_stats_cl(const at::Tensor& x, const ChannelParams& p, const Geometry& g, double* mean, double* var) {
+void batch_stats_cl(const at::Tensor& x, const ChannelParams& p, const Geometry& g, double* mean, double* var,
+                    at::Tensor& z_keep) {
+  T* zd = z_keep.defined() ? z_keep.mutable_data_ptr<T>() : nullptr;
+  const int64_t row_out = g.w_out * g.c;
   at::Tensor part_mean = at::empty({g.n * g.h_out, g.c}, p.w.options());
   at::Tensor part_m2 = at::empty({g.n * g.h_out, g.c}, p.w.options());
   T* pm = part_mean.mutable_data_ptr<T>();
   T* pq = part_m2.mutable_data_ptr<T>();
   const at::Tensor w9c = taps_major(p.w);
   for_each_conv_row_cl<scalar_t, T>(x, w9c.const_data_ptr<T>(), p.b.template const_data_ptr<T>(), g,
-                                    [&](int64_t r, T* z) { row_mean_m2_cl(z, g.w_out, g.c, pm + r * g.c, pq + r * g.c); });
+                                    [&](int64_t r, T* z) {
+                                      row_mean_m2_cl(z, g.w_out, g.c, pm + r * g.c, pq + r * g.c);
+                                      if (zd != nullptr) std::copy(z, z + row_out, zd + r * row_out);
+                                    });
   merge_batch_stats(pm, pq, g.n * g.h_out, g.w_out, g, mean, var);
 }
 
@@ -405,13 +416,16 @@ void affine_relu6_avx512_entry(const at::Tensor& x, const at::Tensor& wf, const 
   });
 }
 
-// Pass 1 of the training forward keeps z in y (narrowed to y's dtype, as the eager block's conv
-// output is), so pass 2 reads z back instead of computing the conv again. The statistics come
-// from the float z.
+// Pass 1 of the training forward writes the float conv output into z_keep where the op keeps
+// it for the backward, else into y (narrowed to y's dtype, as the eager block's conv output
+// is); pass 2 normalizes it instead of computing the conv again. The statistics come from the
+// float z.
 bool batch_stats_avx512_entry(const at::Tensor& x, const ChannelParams& p, const Geometry& g, bool channels_last,
-                              double* mean, double* var, at::Tensor& y) {
+                              double* mean, double* var, at::Tensor& z_keep, at::Tensor& y) {
   const auto dtype = x.scalar_type();
-  if (!avx512_forward(x, g, channels_last)) return path_avx2().batch_stats(x, p, g, channels_last, mean, var, y);
+  if (!avx512_forward(x, g, channels_last))
+    return path_avx2().batch_stats(x, p, g, channels_last, mean, var, z_keep, y);
+  float* const zk = z_keep.defined() ? z_keep.mutable_data_ptr<float>() : nullptr;
   // Per-row mean / M2 of the float conv row (in a per-thread buffer), merged by Chan's rule.
   at::Tensor part_mean = at::empty({g.n * g.h_out, g.c}, p.w.options());
   at::Tensor part_m2 = at::empty({g.n * g.h_out, g.c}, p.w.options());
@@ -426,15 +440,16 @@ bool batch_stats_avx512_entry(const at::Tensor& x, const ChannelParams& p, const
       const scalar_t* xd = x.const_data_ptr<scalar_t>();
       const int64_t row_in = g.w * g.c;
       at::parallel_for(0, g.n * g.h_out, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> z(g.w_out * g.c);
+        std::vector<float> z_row(zk != nullptr ? 0 : g.w_out * g.c);
         for (int64_t r = begin; r < end; ++r) {
+          float* z = zk != nullptr ? zk + r * g.w_out * g.c : z_row.data();
           const int64_t n = r / g.h_out, oy = r % g.h_out;
           const scalar_t* rows[3];
           const scalar_t* next = avx512::rows_under(xd + n * g.h * row_in, g.h, g.w, row_in, g.stride, g.padding,
                                                     oy, rows);
-          avx512::conv_row<false>(rows, g.w, g.c, g.padding, g.stride, wd, bd, g.w_out, z.data(), next);
-          avx512::row_mean_m2(z.data(), g.w_out, g.c, pm + r * g.c, pq + r * g.c);
-          avx512::convert_row(z.data(), g.w_out * g.c, yd + r * g.w_out * g.c);
+          avx512::conv_row<false>(rows, g.w, g.c, g.padding, g.stride, wd, bd, g.w_out, z, next);
+          avx512::row_mean_m2(z, g.w_out, g.c, pm + r * g.c, pq + r * g.c);
+          if (zk == nullptr) avx512::convert_row(z, g.w_out * g.c, yd + r * g.w_out * g.c);
         }
       });
     }
@@ -443,28 +458,39 @@ bool batch_stats_avx512_entry(const at::Tensor& x, const ChannelParams& p, const
   return true;
 }
 
-void normalize_relu6_avx512_entry(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, const Geometry& g) {
+void normalize_relu6_avx512_entry(const at::Tensor& src, at::Tensor& y, const at::Tensor& scale,
+                                  const at::Tensor& shift, const Geometry& g) {
   const float* sc = scale.const_data_ptr<float>();
   const float* sh = shift.const_data_ptr<float>();
   dispatch_avx512(y.scalar_type(), [&]<typename scalar_t>() {
     scalar_t* yd = y.mutable_data_ptr<scalar_t>();
     const int64_t pixels = g.n * g.h_out * g.w_out;
-    at::parallel_for(0, pixels, 64, [&](int64_t begin, int64_t end) {
-      avx512::scale_shift_relu6(yd + begin * g.c, end - begin, g.c, sc, sh);
-    });
+    auto run = [&](const auto* sd) {
+      at::parallel_for(0, pixels, 64, [&](int64_t begin, int64_t end) {
+        avx512::scale_shift_relu6(sd + begin * g.c, yd + begin * g.c, end - begin, g.c, sc, sh);
+      });
+    };
+    if (src.scalar_type() == at::kFloat) {
+      run(src.const_data_ptr<float>());
+    } else {
+      run(src.const_data_ptr<scalar_t>());
+    }
   });
 }
 // The largest conv output (in floats: 8 MiB) that the backward keeps between its passes.
-constexpr int64_t kKeepZFloats = int64_t(2) << 20;
+constexpr int64_t kKeepZFloats = kKeepZValues;
 
 // channels_last backward, one task per image as backward_cl, with the AVX-512 row kernels:
 // x and grad_out read in place (bfloat16 widened in registers), and grad_x of stride 1 as the
-// conv of gz with the taps mirrored (conv_row), narrowed as it is stored.
+// conv of gz with the taps mirrored (conv_row), narrowed as it is stored. z_saved (the train
+// op's float conv output, the same values the conv would give) is read where given; else the
+// conv is computed again.
 template <typename scalar_t>
-void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const ChannelParams& p, const float* mu,
-                        const float* is, const Geometry& g, bool training, double count, at::Tensor& grad_x,
-                        double* sd) {
+void backward_cl_avx512(const at::Tensor& x, const at::Tensor& z_saved, const at::Tensor& grad_out,
+                        const ChannelParams& p, const float* mu, const float* is, const Geometry& g, bool training,
+                        double count, at::Tensor& grad_x, double* sd) {
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const float* zs = z_saved.defined() ? z_saved.const_data_ptr<float>() : nullptr;
   const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
   scalar_t* gxd = grad_x.mutable_data_ptr<scalar_t>();
   const int64_t C = g.c, row_in = g.w * C, row_out = g.w_out * C;
@@ -486,7 +512,7 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
   };
   // Training's pass 1 keeps the conv output for pass 2 where it is small enough to stay in
   // cache (the network's 6x6 and 12x12 planes), instead of pass 2 computing it again.
-  const bool keep_z = training && g.n * g.h_out * row_out <= kKeepZFloats;
+  const bool keep_z = zs == nullptr && training && g.n * g.h_out * row_out <= kKeepZFloats;
   // Uninitialized: pass 1 writes every value.
   const at::Tensor z_all_t = at::empty({keep_z ? g.n * g.h_out * row_out : 0}, p.w.options());
   float* const z_all = z_all_t.mutable_data_ptr<float>();
@@ -496,12 +522,16 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
       for (int64_t n = begin; n < end; ++n) {
         std::fill(sums.begin(), sums.end(), 0.0f);
         for (int64_t oy = 0; oy < g.h_out; ++oy) {
-          const scalar_t* rows[3];
-          float* z = keep_z ? z_all + (n * g.h_out + oy) * row_out : z_row.data();
-          conv_z(n, oy, rows, z);
-          avx512::bn_relu6_grad_row<false>(z, gd + (n * g.h_out + oy) * row_out, g.w_out, C, mu, is, bw, bb,
-                                           nullptr, nullptr, nullptr, nullptr, sums.data(), sums.data() + C,
-                                           nullptr);
+          const int64_t r = n * g.h_out + oy;
+          const float* z = zs + r * row_out;
+          if (zs == nullptr) {
+            const scalar_t* rows[3];
+            float* zw = keep_z ? z_all + r * row_out : z_row.data();
+            conv_z(n, oy, rows, zw);
+            z = zw;
+          }
+          avx512::bn_relu6_grad_row<false>(z, gd + r * row_out, g.w_out, C, mu, is, bw, bb, nullptr, nullptr,
+                                           nullptr, nullptr, sums.data(), sums.data() + C, nullptr);
         }
         std::copy(sums.begin(), sums.end(), part + n * kSlots * C);
       }
@@ -524,23 +554,27 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
   for (int t = 0; t < kTaps; ++t)
     std::copy(w9c + (t / 3 * 3 + 2 - t % 3) * C, w9c + (t / 3 * 3 + 3 - t % 3) * C, w_mirror.data() + t * C);
   const int first = training ? 2 : 0;
+  // Pass 2 takes the images in the reverse order of pass 1 (task i: image N - 1 - i), so it
+  // starts on the images whose x, z and grad_out pass 1 left in the cache last.
   at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z(row_out), gz(g.h_out * row_out), sums(kSlots * C), gx_row(mirrored ? 0 : row_in);
     float* const s_ga = sums.data();
-    for (int64_t n = begin; n < end; ++n) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = training ? g.n - 1 - task : task;
       std::fill(sums.begin(), sums.end(), 0.0f);
       for (int64_t oy = 0; oy < g.h_out; ++oy) {
         const scalar_t* rows[3];
-        const float* zr = z.data();
-        if (keep_z) {
+        const int64_t r = n * g.h_out + oy;
+        const float* zr = zs != nullptr ? zs + r * row_out : z_all + r * row_out;
+        if (zs != nullptr || keep_z) {
           avx512::rows_under(xd + n * g.h * row_in, g.h, g.w, row_in, g.stride, g.padding, oy, rows);
-          zr = z_all + (n * g.h_out + oy) * row_out;
         } else {
           conv_z(n, oy, rows, z.data());
+          zr = z.data();
         }
         float* gzr = gz.data() + oy * row_out;
-        avx512::bn_relu6_grad_row<true>(zr, gd + (n * g.h_out + oy) * row_out, g.w_out, C, mu, is, bw, bb,
-                                        k_ga.data(), k_xhat.data(), k_one.data(), gzr, s_ga, s_ga + C, s_ga + 2 * C);
+        avx512::bn_relu6_grad_row<true>(zr, gd + r * row_out, g.w_out, C, mu, is, bw, bb, k_ga.data(),
+                                        k_xhat.data(), k_one.data(), gzr, s_ga, s_ga + C, s_ga + 2 * C);
         avx512::grad_weight_row(rows, g.w, C, g.padding, g.stride, gzr, g.w_out, s_ga + 3 * C);
       }
       std::copy(sums.begin() + first * C, sums.end(), part + (n * kSlots + first) * C);
@@ -563,15 +597,15 @@ void backward_cl_avx512(const at::Tensor& x, const at::Tensor& grad_out, const C
   sum_over_batch_parallel(part, layout, g.n, C, first, kSlots, sd);
 }
 
-void backward_avx512_entry(const at::Tensor& x, const at::Tensor& grad_out, const ChannelParams& p,
-                           const at::Tensor& mean, const at::Tensor& invstd, const Geometry& g, bool channels_last,
-                           bool training, double count, at::Tensor& grad_x, double* sums) {
+void backward_avx512_entry(const at::Tensor& x, const at::Tensor& z, const at::Tensor& grad_out,
+                           const ChannelParams& p, const at::Tensor& mean, const at::Tensor& invstd, const Geometry& g,
+                           bool channels_last, bool training, double count, at::Tensor& grad_x, double* sums) {
   if (!avx512_forward(x, g, channels_last)) {
-    path_avx2().backward(x, grad_out, p, mean, invstd, g, channels_last, training, count, grad_x, sums);
+    path_avx2().backward(x, z, grad_out, p, mean, invstd, g, channels_last, training, count, grad_x, sums);
     return;
   }
   dispatch_avx512(x.scalar_type(), [&]<typename scalar_t>() {
-    backward_cl_avx512<scalar_t>(x, grad_out, p, mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(), g,
+    backward_cl_avx512<scalar_t>(x, z, grad_out, p, mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(), g,
                                  training, count, grad_x, sums);
   });
 }
@@ -589,21 +623,22 @@ void affine_relu6_entry(const at::Tensor& x, const at::Tensor& wf, const at::Ten
 }
 
 bool batch_stats_entry(const at::Tensor& x, const ChannelParams& p, const Geometry& g, bool channels_last,
-                       double* mean, double* var, at::Tensor& /*y: left alone*/) {
+                       double* mean, double* var, at::Tensor& z, at::Tensor& /*y: left alone*/) {
   FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6_train", [&] {
     using T = acc_type_t<scalar_t>;
     if (channels_last) {
-      batch_stats_cl<scalar_t, T>(x, p, g, mean, var);
+      batch_stats_cl<scalar_t, T>(x, p, g, mean, var, z);
     } else {
-      batch_stats_nchw<scalar_t, T>(x, p, g, mean, var);
+      batch_stats_nchw<scalar_t, T>(x, p, g, mean, var, z);
     }
   });
   return false;
 }
 
-void backward_entry(const at::Tensor& x, const at::Tensor& grad_out, const ChannelParams& p, const at::Tensor& mean,
-                    const at::Tensor& invstd, const Geometry& g, bool channels_last, bool training, double count,
-                    at::Tensor& grad_x, double* sums) {
+// z is not read: the portable kernels compute the conv again, in the accumulation type.
+void backward_entry(const at::Tensor& x, const at::Tensor& /*z*/, const at::Tensor& grad_out, const ChannelParams& p,
+                    const at::Tensor& mean, const at::Tensor& invstd, const Geometry& g, bool channels_last,
+                    bool training, double count, at::Tensor& grad_x, double* sums) {
   FERCUDA_DISPATCH_DWCONV(x.scalar_type(), "dwconv_bn_relu6_backward", [&] {
     using T = acc_type_t<scalar_t>;
     const T* mu = mean.const_data_ptr<T>();

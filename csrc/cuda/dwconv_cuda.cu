@@ -133,7 +133,7 @@ at::Tensor dwconv_bn_relu6_cuda(const at::Tensor& x, const at::Tensor& weight, c
 
 // Functional: the updated running statistics come back as new tensors (autograd formulas can
 // only be registered for ops that leave their inputs alone); fercuda.ops copies them into the buffers.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_train_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, int64_t stride,
     int64_t padding, double eps, double momentum) {
@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
   if (y.numel() == 0) {
     save_mean.zero_();
     save_invstd.zero_();
-    return {y, save_mean, save_invstd, running_mean.clone(), running_var.clone()};
+    return {y, save_mean, save_invstd, running_mean.clone(), running_var.clone(), at::empty({0}, save_mean.options())};
   }
   check_dwconv_batch_stats(op, out[0], out[1], out[2], out[3]);
 
@@ -188,17 +188,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn
     launch_apply<scalar_t>(op, p, w, nullptr, /*from_running=*/false, scale_shift.const_data_ptr<float>(),
                            scale_shift.const_data_ptr<float>() + p.g.channels, nullptr, nullptr, eps, y, stream);
   });
-  return {y, save_mean, save_invstd, rm.to(running_mean.scalar_type()), rv.to(running_var.scalar_type())};
+  // save_z: none; the backward computes the conv again (in registers, cheaper than a read).
+  return {y, save_mean, save_invstd, rm.to(running_mean.scalar_type()), rv.to(running_var.scalar_type()),
+          at::empty({0}, save_mean.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_relu6_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& invstd,
-    int64_t stride, int64_t padding, bool training) {
+    int64_t stride, int64_t padding, bool training, const std::optional<at::Tensor>& z) {
   const char* op = "dwconv_bn_relu6_backward";
   const auto out = check_dwconv_args(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, "mean",
                                      "invstd");
   check_dwconv_grad_out(op, grad_out, x, out);
+  check_dwconv_saved_z(op, z, x, out);  // checked, not read: the kernels compute the conv again
   const int64_t ho = out[2], wo = out[3];
   const c10::cuda::CUDAGuard guard(x.device());
   Prepared p = prepare(op, x, stride, padding);

@@ -369,9 +369,10 @@ def dwconv_bn_relu6_train_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: torch.Tensor,
     bn_bias: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, stride: int = 1,
     padding: int = 1, eps: float = 1e-5, momentum: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """fercuda::dwconv_bn_relu6_train: (out, save_mean, save_invstd, new_running_mean,
-    new_running_var), the running statistics left as they are."""
+    new_running_var, save_z), the running statistics left as they are; save_z empty (the
+    backward computes the conv again)."""
     op = "dwconv_bn_relu6_train_triton"
     _check_args(op, x, weight, bias, bn_weight, bn_bias, running_mean, "running_mean", running_var, "running_var",
                 stride, padding)
@@ -384,7 +385,8 @@ def dwconv_bn_relu6_train_triton(
     if out.numel() == 0:
         # nn.BatchNorm2d leaves the running statistics alone on an empty batch.
         stats = dict(device=x.device, dtype=torch.float32)
-        return out, torch.zeros((c,), **stats), torch.ones((c,), **stats), running_mean.clone(), running_var.clone()
+        return (out, torch.zeros((c,), **stats), torch.ones((c,), **stats), running_mean.clone(), running_var.clone(),
+                torch.empty((0,), **stats))
     _checks.check_dwconv_batch_stats(op, n, c, ho, wo)
     weight_c = weight.contiguous()
     slots, _ = _reduce(0, x_c, channels_last, weight_c, None, ho, wo, stride, padding)
@@ -401,20 +403,21 @@ def dwconv_bn_relu6_train_triton(
     scale = bn_weight.double() * invstd
     shift = bn_bias.double() - mean * scale
     _apply(x_c, channels_last, weight_c, None, (scale.float(), shift.float()), False, eps, stride, padding, out)
-    return out, mean_z.float(), invstd.float(), new_mean, new_var
+    return out, mean_z.float(), invstd.float(), new_mean, new_var, mean_z.new_empty((0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("fercuda::dwconv_bn_relu6_backward_triton", mutates_args=())
 def dwconv_bn_relu6_backward_triton(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, stride: int,
-    padding: int, training: bool,
+    padding: int, training: bool, z: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "dwconv_bn_relu6_backward_triton"
     _check_args(op, x, weight, bias, bn_weight, bn_bias, mean, "mean", invstd, "invstd", stride, padding)
     n, c, h, w = x.shape
     ho, wo = _checks.dwconv_out_size(h, stride, padding), _checks.dwconv_out_size(w, stride, padding)
     _checks.check_dwconv_grad_out(op, grad_out, x, (n, c, ho, wo))
+    _checks.check_dwconv_saved_z(op, z, x, (n, c, ho, wo))  # checked, not read: the conv is computed again
     fmt, channels_last, x_c = _layout(x)
     positions = n * ho * wo
     grad_x = torch.empty_like(x_c, memory_format=fmt)
@@ -453,6 +456,6 @@ def dwconv_bn_relu6_backward_triton(
 # ---------------------------------------------------------------------------------------------
 # Fake kernels and autograd: the C++ ops', which the Triton ops' contract is.
 
-_meta.register_dwconv_fakes("_triton", allow_double=False)
+_meta.register_dwconv_fakes("_triton", allow_double=False, saves_z=False)
 _autograd.register_dwconv_autograd("_triton")
 

@@ -161,6 +161,21 @@ inline void check_dwconv_grad_out(const char* op, const at::Tensor& grad_out, co
               c10::toString(x.scalar_type()), " tensor like x, got ", c10::toString(grad_out.scalar_type()));
 }
 
+// The backward's z (the train op's save_z): None, an empty tensor, or the output's shape on x's
+// device in the accumulation type (float32; float64 for float64 x).
+inline void check_dwconv_saved_z(const char* op, const c10::optional<at::Tensor>& z, const at::Tensor& x,
+                                 const std::array<int64_t, 4>& out) {
+  if (!z.has_value() || !z->defined() || z->numel() == 0) return;
+  TORCH_CHECK(z->dim() == 4 && z->size(0) == out[0] && z->size(1) == out[1] && z->size(2) == out[2] &&
+                  z->size(3) == out[3],
+              "fercuda.", op, ": argument 'z' must be empty or have the output's shape (", out[0], ", ", out[1], ", ",
+              out[2], ", ", out[3], "), got ", shape_str(*z));
+  check_same_device(x, "x", *z, "z", op);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(z->scalar_type() == acc, "fercuda.", op, ": argument 'z' must be a ", c10::toString(acc),
+              " tensor (the conv output in the accumulation type), got ", c10::toString(z->scalar_type()));
+}
+
 // BatchNorm's batch statistics need two values per channel, as nn.BatchNorm2d demands.
 inline void check_dwconv_batch_stats(const char* op, int64_t n, int64_t channels, int64_t h_out, int64_t w_out) {
   TORCH_CHECK(n * h_out * w_out > 1, "fercuda.", op,
