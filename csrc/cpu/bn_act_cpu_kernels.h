@@ -1,5 +1,6 @@
-// Loops of the BatchNorm + ReLU6 (or identity) + residual add CPU ops (bn_act_cpu.cpp): plain
-// C++ on pointers, no ATen. S is the tensor's storage type (float, double, c10::Half,
+// Loops of the BatchNorm + ReLU6 (or identity) + residual add CPU ops, compiled once per
+// instruction-set path (bn_act_cpu_compute.h in bn_act_cpu_path_*.cpp): plain C++ on pointers, no
+// ATen. S is the tensor's storage type (float, double, c10::Half,
 // c10::BFloat16), T the accumulation type (float, or double for double); the loops load S as T,
 // compute in T and store S, written so that GCC vectorizes them (bfloat16 widened by a shift and
 // narrowed by integer rounding, as c10::BFloat16 rounds).
@@ -22,17 +23,9 @@
 
 #include "fercuda/bn_act_math.h"
 
-// The hot loops are compiled for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the baseline; the
-// loader picks the clone the CPU runs.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
-#define FERCUDA_BN_ACT_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FERCUDA_BN_ACT_SIMD
-#endif
-
 namespace fercuda {
 namespace bn_act_cpu {
-// Internal linkage: private to bn_act_cpu.cpp, the file that includes it.
+// Internal linkage: each path's translation unit has its own copy, compiled for its instruction set.
 namespace {
 
 // ---- Loads and stores ------------------------------------------------------------------------
@@ -75,10 +68,10 @@ T combine_lanes(const T* acc) {
   return s;
 }
 
-// ---- 16-lane vectors (one AVX-512 register; two AVX2 or four SSE ones in the other clones) ------
+// ---- 16-lane vectors (one AVX-512 register; two AVX2 or four SSE ones on the other paths) --------
 //
 // Always inlined: no vector crosses a call boundary (the -Wpsabi note about the ABI of wide vectors
-// in the baseline clone does not apply).
+// on the narrower paths does not apply).
 
 constexpr int64_t kLanes16 = 16;
 typedef float V16 __attribute__((vector_size(64)));
@@ -327,13 +320,13 @@ struct PlaneRuns {
 };
 
 template <typename S, typename T>
-FERCUDA_BN_ACT_SIMD void runs_mean_m2(const S* __restrict x, PlaneRuns pr, int64_t begin, int64_t end,
+void runs_mean_m2(const S* __restrict x, PlaneRuns pr, int64_t begin, int64_t end,
                                       T* __restrict mean, T* __restrict m2) {
   for (int64_t q = begin; q < end; ++q) plane_mean_m2<S, T>(x + pr.offset(q), pr.count(q), mean + q, m2 + q);
 }
 
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void planes_apply(const S* __restrict x, const S* __restrict r, int64_t hw, int64_t C,
+void planes_apply(const S* __restrict x, const S* __restrict r, int64_t hw, int64_t C,
                                       int64_t begin, int64_t end, const T* __restrict scale,
                                       const T* __restrict shift, S* __restrict y) {
   for (int64_t p = begin; p < end; ++p) {
@@ -347,7 +340,7 @@ FERCUDA_BN_ACT_SIMD void planes_apply(const S* __restrict x, const S* __restrict
 }
 
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void runs_grad_sums(const S* __restrict g, const S* __restrict x, PlaneRuns pr, int64_t begin,
+void runs_grad_sums(const S* __restrict g, const S* __restrict x, PlaneRuns pr, int64_t begin,
                                         int64_t end, const T* __restrict mean, const T* __restrict invstd,
                                         const T* __restrict scale, const T* __restrict shift, T* __restrict sum_ga,
                                         T* __restrict sum_ga_xhat) {
@@ -359,7 +352,7 @@ FERCUDA_BN_ACT_SIMD void runs_grad_sums(const S* __restrict g, const S* __restri
 }
 
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void planes_grad_x(const S* __restrict g, const S* __restrict x, int64_t hw, int64_t C,
+void planes_grad_x(const S* __restrict g, const S* __restrict x, int64_t hw, int64_t C,
                                        int64_t begin, int64_t end, const T* __restrict mean,
                                        const T* __restrict invstd, const T* __restrict scale,
                                        const T* __restrict shift, const bn_act::Backward<T>* __restrict k,
@@ -400,7 +393,7 @@ constexpr bool kVectorRows = kVectorRuns<S> && std::is_same_v<T, float>;
 
 // Per-channel mean and M2 of `rows` >= 1 rows of C values.
 template <typename S, typename T>
-FERCUDA_BN_ACT_SIMD void rows_mean_m2(const S* __restrict x, int64_t rows, int64_t C, T* __restrict mean,
+void rows_mean_m2(const S* __restrict x, int64_t rows, int64_t C, T* __restrict mean,
                                       T* __restrict m2) {
   for (int64_t c = 0; c < C; ++c) mean[c] = T(0), m2[c] = T(0);
   const T inv = T(1) / static_cast<T>(rows);
@@ -434,7 +427,7 @@ FERCUDA_BN_ACT_SIMD void rows_mean_m2(const S* __restrict x, int64_t rows, int64
 }
 
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void rows_apply(const S* __restrict x, const S* __restrict r, int64_t rows, int64_t C,
+void rows_apply(const S* __restrict x, const S* __restrict r, int64_t rows, int64_t C,
                                     const T* __restrict scale, const T* __restrict shift, S* __restrict y) {
   if constexpr (kVectorRows<S, T>) {
     if (C >= kLanes16) {
@@ -463,7 +456,7 @@ FERCUDA_BN_ACT_SIMD void rows_apply(const S* __restrict x, const S* __restrict r
 
 // Per-channel sum(ga) and sum(ga * xhat) over `rows` rows, written to sum_ga / sum_ga_xhat.
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void rows_grad_sums(const S* __restrict g, const S* __restrict x, int64_t rows, int64_t C,
+void rows_grad_sums(const S* __restrict g, const S* __restrict x, int64_t rows, int64_t C,
                                         const T* __restrict mean, const T* __restrict invstd,
                                         const T* __restrict scale, const T* __restrict shift,
                                         T* __restrict sum_ga, T* __restrict sum_ga_xhat) {
@@ -498,7 +491,7 @@ FERCUDA_BN_ACT_SIMD void rows_grad_sums(const S* __restrict g, const S* __restri
 
 // gx = k_ga * ga + k_xhat * xhat + k_one, the coefficients as (C,) arrays.
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void rows_grad_x(const S* __restrict g, const S* __restrict x, int64_t rows, int64_t C,
+void rows_grad_x(const S* __restrict g, const S* __restrict x, int64_t rows, int64_t C,
                                      const T* __restrict mean, const T* __restrict invstd, const T* __restrict scale,
                                      const T* __restrict shift, const T* __restrict k_ga,
                                      const T* __restrict k_xhat, const T* __restrict k_one, S* __restrict gx) {
