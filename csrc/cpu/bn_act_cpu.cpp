@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -50,20 +51,26 @@ const Path& active_path() {
 template <typename T>
 void merge_tile_lanes(const Layout& l, int64_t full, int64_t rest, const T* tile_mean, const T* tile_m2,
                       const T* rest_mean, T* part_mean, T* part_m2, double* sum, double* m2) {
-  const int64_t lanes = l.tile * l.c, cnt = full * l.tile + rest;
+  const int64_t cnt = full * l.tile + rest;
   std::fill(sum, sum + l.c, 0.0);
   std::fill(m2, m2 + l.c, 0.0);
-  for (int64_t j = 0; j < (full ? lanes : 0); ++j) sum[j % l.c] += static_cast<double>(full) * tile_mean[j];
-  for (int64_t j = 0; j < rest * l.c; ++j) sum[j % l.c] += rest_mean[j];
+  // Lane j = r * C + c: tile row by tile row, each channel's lanes in lane order.
+  const int64_t tile_rows = full ? l.tile : 0;
+  for (int64_t r = 0; r < tile_rows; ++r)
+    for (int64_t c = 0; c < l.c; ++c) sum[c] += static_cast<double>(full) * tile_mean[r * l.c + c];
+  for (int64_t r = 0; r < rest; ++r)
+    for (int64_t c = 0; c < l.c; ++c) sum[c] += rest_mean[r * l.c + c];
   for (int64_t c = 0; c < l.c; ++c) sum[c] /= static_cast<double>(cnt);  // the part's mean
-  for (int64_t j = 0; j < (full ? lanes : 0); ++j) {
-    const double d = tile_mean[j] - sum[j % l.c];
-    m2[j % l.c] += tile_m2[j] + static_cast<double>(full) * d * d;
-  }
-  for (int64_t j = 0; j < rest * l.c; ++j) {
-    const double d = rest_mean[j] - sum[j % l.c];
-    m2[j % l.c] += d * d;
-  }
+  for (int64_t r = 0; r < tile_rows; ++r)
+    for (int64_t c = 0; c < l.c; ++c) {
+      const double d = tile_mean[r * l.c + c] - sum[c];
+      m2[c] += tile_m2[r * l.c + c] + static_cast<double>(full) * d * d;
+    }
+  for (int64_t r = 0; r < rest; ++r)
+    for (int64_t c = 0; c < l.c; ++c) {
+      const double d = rest_mean[r * l.c + c] - sum[c];
+      m2[c] += d * d;
+    }
   for (int64_t c = 0; c < l.c; ++c) {
     part_mean[c] = static_cast<T>(sum[c]);
     part_m2[c] = static_cast<T>(m2[c]);
@@ -149,19 +156,34 @@ std::vector<double> invstd_of(const std::vector<double>& var, double eps) {
   return out;
 }
 
-// Part indices of channel c in merge order.
+// The parts of channels [begin, end) in merge order: f(c - begin, values of c in the part, slot)
+// for each part, each channel's parts in part order. The slots are visited in memory order (the
+// channels of a part, side by side), not channel by channel (a stride of C slots).
 template <typename F>
-void for_parts_of_channel(const Layout& l, int64_t c, F f) {
+void for_parts_of_channels(const Layout& l, int64_t begin, int64_t end, F f) {
   if (l.cl) {
-    for (int64_t q = 0; q < l.parts; ++q) f(q, q * l.c + c);
+    for (int64_t q = 0; q < l.parts; ++q) {
+      const int64_t count = l.part_count(q);
+      for (int64_t c = begin; c < end; ++c) f(c - begin, count, q * l.c + c);
+    }
   } else {
     for (int64_t n = 0; n < l.n; ++n)
-      for (int64_t k = 0; k < l.chunks; ++k) {
-        const int64_t q = (n * l.c + c) * l.chunks + k;
-        f(q, q);
-      }
+      for (int64_t c = begin; c < end; ++c)
+        for (int64_t k = 0; k < l.chunks; ++k) {
+          const int64_t q = (n * l.c + c) * l.chunks + k;
+          f(c - begin, std::min(l.chunk, l.hw - k * l.chunk), q);
+        }
   }
 }
+
+// Uninitialized storage for the parts' results (the path writes every slot).
+template <typename T>
+std::unique_ptr<T[]> part_slots(const Layout& l) {
+  return std::unique_ptr<T[]>(new T[l.part_slots()]);
+}
+
+// Channels a task of the merges takes.
+constexpr int64_t kMergeChannels = 64;
 
 // ---- Statistics (training pass 1) -----------------------------------------------------------
 
@@ -170,21 +192,20 @@ void for_parts_of_channel(const Layout& l, int64_t c, F f) {
 // M2 = sum(M2_i + n_i * (mean_i - mean)^2) (two sweeps over the parts, no division per part).
 template <typename T>
 void batch_stats(const Path& path, const at::Tensor& x, const Layout& l, double* mean, double* var) {
-  std::vector<T> pm(l.part_slots()), pq(pm.size());
-  path.kernels<T>().part_stats(x, l, pm.data(), pq.data());
+  const auto pm = part_slots<T>(l), pq = part_slots<T>(l);
+  path.kernels<T>().part_stats(x, l, pm.get(), pq.get());
   const double count = static_cast<double>(l.positions());
-  at::parallel_for(0, l.c, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double sum = 0, m2 = 0;
-      for_parts_of_channel(l, c, [&](int64_t q, int64_t i) { sum += static_cast<double>(l.part_count(q)) * pm[i]; });
-      const double mu = sum / count;
-      for_parts_of_channel(l, c, [&](int64_t q, int64_t i) {
-        const double d = pm[i] - mu;
-        m2 += pq[i] + static_cast<double>(l.part_count(q)) * d * d;
-      });
-      mean[c] = mu;
-      var[c] = m2 / count;
-    }
+  at::parallel_for(0, l.c, kMergeChannels, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum(end - begin), m2(end - begin);
+    for_parts_of_channels(l, begin, end, [&](int64_t j, int64_t n_i, int64_t i) {
+      sum[j] += static_cast<double>(n_i) * pm[i];
+    });
+    for (int64_t c = begin; c < end; ++c) mean[c] = sum[c - begin] / count;
+    for_parts_of_channels(l, begin, end, [&](int64_t j, int64_t n_i, int64_t i) {
+      const double d = pm[i] - mean[begin + j];
+      m2[j] += pq[i] + static_cast<double>(n_i) * d * d;
+    });
+    for (int64_t c = begin; c < end; ++c) var[c] = m2[c - begin] / count;
   });
 }
 
@@ -295,19 +316,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     auto [scale_t, shift_t] = affine_of<T>(weight_v, values_of(bias), mean_v, invstd_v);
     Coeffs<T> k{mean_t.data(), invstd_t.data(), scale_t.data(), shift_t.data(), nullptr, nullptr, nullptr};
     // Pass 1: the parts' sums, merged per channel in part order.
-    std::vector<T> pg(l.part_slots()), pgx(pg.size());
-    kernels.part_grad_sums(g, x, l, k, relu6, pg.data(), pgx.data());
+    const auto pg = part_slots<T>(l), pgx = part_slots<T>(l);
+    kernels.part_grad_sums(g, x, l, k, relu6, pg.get(), pgx.get());
     double* sd = sums.data();
-    at::parallel_for(0, l.c, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        double s_g = 0, s_gx = 0;
-        for_parts_of_channel(l, c, [&](int64_t, int64_t i) {
-          s_g += pg[i];
-          s_gx += pgx[i];
-        });
-        sd[c] = s_g;
-        sd[channels + c] = s_gx;
-      }
+    at::parallel_for(0, l.c, kMergeChannels, [&](int64_t begin, int64_t end) {
+      for_parts_of_channels(l, begin, end, [&](int64_t j, int64_t, int64_t i) {
+        sd[begin + j] += pg[i];
+        sd[channels + begin + j] += pgx[i];
+      });
     });
     // Pass 2: grad_x.
     const double count = static_cast<double>(l.positions());

@@ -124,21 +124,29 @@ void part_grad_sums_typed(const at::Tensor& grad_out, const at::Tensor& x, const
       const std::vector<T> mu_t = tiled(k.mean, l.c, l.tile), is_t = tiled(k.invstd, l.c, l.tile),
                            scale_t = tiled(k.scale, l.c, l.tile), shift_t = tiled(k.shift, l.c, l.tile);
       at::parallel_for(0, l.parts, 1, [&](int64_t begin, int64_t end) {
-        // Lanes of a kernel row, added into the part's per-channel sums tile row by tile row.
-        std::vector<T> lane_g(l.tile * l.c), lane_gx(l.tile * l.c);
+        // Lanes of a kernel row, added into the part's per-channel sums tile row by tile row
+        // (with one image row a kernel row, the lanes are the part's sums).
+        std::vector<T> lane_g(l.tile > 1 ? l.tile * l.c : 0), lane_gx(lane_g.size());
         for (int64_t q = begin; q < end; ++q) {
           T* const part_g = pg + q * l.c;
           T* const part_gx = pgx + q * l.c;
+          if (l.tile == 1) {
+            const int64_t off = q * l.chunk * l.c;
+            rows_grad_sums<kRelu6, scalar_t, T>(gd + off, xd + off, l.part_count(q), l.c, mu_t.data(), is_t.data(),
+                                                scale_t.data(), shift_t.data(), part_g, part_gx);
+            continue;
+          }
           std::fill(part_g, part_g + l.c, T(0));
           std::fill(part_gx, part_gx + l.c, T(0));
           for_kernel_rows(l, q * l.chunk, l.part_count(q), [&](int64_t first, int64_t rows, int64_t len) {
             const int64_t off = first * l.c;
             rows_grad_sums<kRelu6, scalar_t, T>(gd + off, xd + off, rows, len, mu_t.data(), is_t.data(),
                                                 scale_t.data(), shift_t.data(), lane_g.data(), lane_gx.data());
-            for (int64_t j = 0; j < len; ++j) {
-              part_g[j % l.c] += lane_g[j];
-              part_gx[j % l.c] += lane_gx[j];
-            }
+            for (int64_t r = 0; r < len / l.c; ++r)
+              for (int64_t c = 0; c < l.c; ++c) {
+                part_g[c] += lane_g[r * l.c + c];
+                part_gx[c] += lane_gx[r * l.c + c];
+              }
           });
         }
       });
