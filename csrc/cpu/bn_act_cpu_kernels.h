@@ -313,54 +313,74 @@ __attribute__((always_inline)) inline void plane_grad_x(const S* __restrict g, c
 // `chunk` values: run q is chunk q % chunks of plane q / chunks, whose channel is plane % C.
 struct PlaneRuns {
   int64_t hw, chunk, chunks, c;
-  int64_t plane(int64_t q) const { return q / chunks; }
-  int64_t offset(int64_t q) const { return plane(q) * hw + (q % chunks) * chunk; }
-  int64_t count(int64_t q) const { return std::min(chunk, hw - (q % chunks) * chunk); }
-  int64_t channel(int64_t q) const { return plane(q) % c; }
 };
 
+// Visits runs [begin, end) in order: f(run, offset of its first value, values, channel). Plane,
+// chunk and channel advance by counting (a division per run costs as much as a 6x6 plane's work).
+template <typename F>
+__attribute__((always_inline)) inline void for_runs(const PlaneRuns& pr, int64_t begin, int64_t end, F f) {
+  if (begin >= end) return;
+  int64_t plane = begin / pr.chunks, k = begin % pr.chunks, c = plane % pr.c;
+  for (int64_t q = begin; q < end; ++q) {
+    f(q, plane * pr.hw + k * pr.chunk, std::min(pr.chunk, pr.hw - k * pr.chunk), c);
+    if (++k == pr.chunks) {
+      k = 0;
+      ++plane;
+      if (++c == pr.c) c = 0;
+    }
+  }
+}
+
+// Planes [begin, end): f(plane, channel).
+template <typename F>
+__attribute__((always_inline)) inline void for_planes(int64_t C, int64_t begin, int64_t end, F f) {
+  if (begin >= end) return;
+  int64_t c = begin % C;
+  for (int64_t p = begin; p < end; ++p) {
+    f(p, c);
+    if (++c == C) c = 0;
+  }
+}
+
 template <typename S, typename T>
-void runs_mean_m2(const S* __restrict x, PlaneRuns pr, int64_t begin, int64_t end,
-                                      T* __restrict mean, T* __restrict m2) {
-  for (int64_t q = begin; q < end; ++q) plane_mean_m2<S, T>(x + pr.offset(q), pr.count(q), mean + q, m2 + q);
+void runs_mean_m2(const S* __restrict x, PlaneRuns pr, int64_t begin, int64_t end, T* __restrict mean,
+                  T* __restrict m2) {
+  for_runs(pr, begin, end, [&](int64_t q, int64_t off, int64_t n, int64_t) __attribute__((always_inline)) {
+    plane_mean_m2<S, T>(x + off, n, mean + q, m2 + q);
+  });
 }
 
 template <bool kRelu6, typename S, typename T>
-void planes_apply(const S* __restrict x, const S* __restrict r, int64_t hw, int64_t C,
-                                      int64_t begin, int64_t end, const T* __restrict scale,
-                                      const T* __restrict shift, S* __restrict y) {
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t c = p % C, off = p * hw;
+void planes_apply(const S* __restrict x, const S* __restrict r, int64_t hw, int64_t C, int64_t begin, int64_t end,
+                  const T* __restrict scale, const T* __restrict shift, S* __restrict y) {
+  for_planes(C, begin, end, [&](int64_t p, int64_t c) __attribute__((always_inline)) {
+    const int64_t off = p * hw;
     if (r) {
       plane_apply<kRelu6, true, S, T>(x + off, r + off, hw, scale[c], shift[c], y + off);
     } else {
       plane_apply<kRelu6, false, S, T>(x + off, nullptr, hw, scale[c], shift[c], y + off);
     }
-  }
+  });
 }
 
 template <bool kRelu6, typename S, typename T>
-void runs_grad_sums(const S* __restrict g, const S* __restrict x, PlaneRuns pr, int64_t begin,
-                                        int64_t end, const T* __restrict mean, const T* __restrict invstd,
-                                        const T* __restrict scale, const T* __restrict shift, T* __restrict sum_ga,
-                                        T* __restrict sum_ga_xhat) {
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t c = pr.channel(q), off = pr.offset(q);
-    plane_grad_sums<kRelu6, S, T>(g + off, x + off, pr.count(q), mean[c], invstd[c], scale[c], shift[c], sum_ga + q,
+void runs_grad_sums(const S* __restrict g, const S* __restrict x, PlaneRuns pr, int64_t begin, int64_t end,
+                    const T* __restrict mean, const T* __restrict invstd, const T* __restrict scale,
+                    const T* __restrict shift, T* __restrict sum_ga, T* __restrict sum_ga_xhat) {
+  for_runs(pr, begin, end, [&](int64_t q, int64_t off, int64_t n, int64_t c) __attribute__((always_inline)) {
+    plane_grad_sums<kRelu6, S, T>(g + off, x + off, n, mean[c], invstd[c], scale[c], shift[c], sum_ga + q,
                                   sum_ga_xhat + q);
-  }
+  });
 }
 
 template <bool kRelu6, typename S, typename T>
-void planes_grad_x(const S* __restrict g, const S* __restrict x, int64_t hw, int64_t C,
-                                       int64_t begin, int64_t end, const T* __restrict mean,
-                                       const T* __restrict invstd, const T* __restrict scale,
-                                       const T* __restrict shift, const bn_act::Backward<T>* __restrict k,
-                                       S* __restrict gx) {
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t c = p % C, off = p * hw;
+void planes_grad_x(const S* __restrict g, const S* __restrict x, int64_t hw, int64_t C, int64_t begin, int64_t end,
+                   const T* __restrict mean, const T* __restrict invstd, const T* __restrict scale,
+                   const T* __restrict shift, const bn_act::Backward<T>* __restrict k, S* __restrict gx) {
+  for_planes(C, begin, end, [&](int64_t p, int64_t c) __attribute__((always_inline)) {
+    const int64_t off = p * hw;
     plane_grad_x<kRelu6, S, T>(g + off, x + off, hw, mean[c], invstd[c], scale[c], shift[c], k[c], gx + off);
-  }
+  });
 }
 
 // ---- Row runs (channels_last) ----------------------------------------------------------------
