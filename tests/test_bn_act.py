@@ -371,6 +371,35 @@ def test_cpu_paths_do_not_depend_on_the_thread_count(backend, shape, dtype, rng)
                 assert torch.equal(a, b)
 
 
+def _c10_bfloat16_bits(a):
+    """c10::BFloat16(float)'s bits of float32 values: round to nearest even, any NaN to 0x7FC0."""
+    u = a.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return torch.where(a.isnan(), torch.full_like(rounded, 0x7FC0), rounded)
+
+
+@pytest.mark.parametrize(**LAYOUTS)
+@pytest.mark.parametrize("backend", isa_backends())
+def test_cpu_paths_round_bfloat16_as_c10(backend, channels_last):
+    """Every bfloat16 bit pattern (NaNs of any sign and payload, infinities, denormals) times a
+    weight per channel, BatchNorm otherwise the identity (invstd exactly 1): the output's bits are
+    c10's rounding of the float32 product, which the vector narrowing (vcvtneps2bf16 on the
+    avx512_bf16 path) must match, NaN and float32 denormal results included."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(1, 1, 256, 256)
+    weight = torch.tensor([1.0, 0.3, 3e-5, 1.7e-3, -2.5], dtype=torch.float32)
+    x = x.expand(1, len(weight), 256, 256).contiguous(memory_format=memory_format(channels_last))
+    eps = 2.0 ** -17  # running_var + eps == 1 exactly: invstd 1, scale = weight, shift 0
+    zeros = torch.zeros(len(weight))
+    out = OPS.batch_norm_act(x, weight, zeros, zeros, torch.full_like(zeros, 1 - eps), None, False, eps)
+    # float32 products as the kernel's fma(x, weight, +0) rounds them (+0 turns -0 into +0)
+    product = x.float() * weight[None, :, None, None] + 0.0
+    got = out.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    expected = _c10_bfloat16_bits(product.contiguous())
+    bad = got != expected
+    assert not bad.any(), (f"{int(bad.sum())} values differ, e.g. float32 {product.contiguous()[bad][0].item()!r}: "
+                           f"{int(got[bad][0]):#06x} vs c10 {int(expected[bad][0]):#06x}")
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize(**LAYOUTS)
 @pytest.mark.parametrize("backend", isa_backends())

@@ -106,6 +106,19 @@ __attribute__((always_inline)) inline void store16(S* p, V16 v) {
   if constexpr (std::is_same_v<S, float>) {
     std::memcpy(p, &v, sizeof(v));
   } else {
+#if defined(FERCUDA_BN_ACT_AVX512_BF16) && FERCUDA_BN_ACT_AVX512_BF16
+    // vcvtneps2bf16 rounds to nearest even as c10 does, but for NaN (it keeps the sign and the
+    // payload's top bits; c10 writes 0x7FC0) and float32 denormals (it flushes them to zero; c10
+    // rounds them): vectors with such a lane (vfpclassps: quiet or signalling NaN, denormal) take
+    // the integer rounding below. Checked against c10 on every float32 bit pattern.
+    __m512 f;
+    std::memcpy(&f, &v, sizeof(f));
+    if (__builtin_expect(_mm512_fpclass_ps_mask(f, 0x01 | 0x20 | 0x80) == 0, 1)) {
+      const __m256bh h = _mm512_cvtneps_pbh(f);
+      std::memcpy(p, &h, sizeof(h));
+      return;
+    }
+#endif
     U16 u;
     std::memcpy(&u, &v, sizeof(u));
     const U16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
