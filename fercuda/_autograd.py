@@ -124,4 +124,6 @@ def register_bn_act_autograd(suffix):
                                     setup_context=_bn_act_eval_setup_context)
 
 
-register_bn_act_autograd("")
+# fercuda::batch_norm_act and _train have their autograd in C++ (csrc/bn_act_autograd.cpp, the same
+# formulas): a training step then pays no Python. The Triton ops register theirs here
+# (fercuda/triton/bn_act.py).

@@ -3,10 +3,48 @@
 
 The reference is plain PyTorch, F.batch_norm then F.hardtanh(0, 6) then +, sharing no code with
 the fused kernels.
+
+The C++ CPU kernels on one instruction-set path are test backend "cpu_<path>" (isa_cases,
+isa_backends; fercuda.set_cpu_isa, set by the autouse fixture of tests/test_bn_act.py): every path
+this CPU can run, the others skipped with the reason. "cpu" takes the widest path.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+import fercuda
+
+CPU_ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
+
+# (N, C, H, W) at the CPU kernels' vector edges, run on every path: N=1, 17 channels (a 16-lane
+# vector and one more) over 15 positions (a plane shorter than a vector; channels_last, kernel rows
+# of 8 image rows and a rest of 7); 19 channels over 12x13 (odd planes of whole vectors and an
+# overlapping last one; kernel rows of 7 image rows, 133 lanes); 131 channels (channels_last, rows
+# of 8 vectors and an overlapping ninth); 3 channels over 61x139 (planes of two parts; channels_last,
+# four parts, the last with a rest).
+ISA_SHAPES = [(1, 17, 5, 3), (2, 19, 12, 13), (2, 131, 3, 5), (1, 3, 61, 139)]
+
+
+def _isa_skip(isa):
+    supported = fercuda.supported_cpu_isas()
+    return pytest.mark.skipif(isa not in supported, reason=f"this CPU cannot run the {isa} path (it runs {supported})")
+
+
+def isa_cases(shapes):
+    """(backend, shape) parameters of the C++ CPU kernels on every instruction-set path."""
+    return [pytest.param(f"cpu_{isa}", shape, id=f"cpu_{isa}-{'x'.join(map(str, shape))}", marks=_isa_skip(isa))
+            for isa in CPU_ISAS for shape in shapes]
+
+
+def isa_backends():
+    """backend parameters of the C++ CPU kernels on every instruction-set path."""
+    return [pytest.param(f"cpu_{isa}", id=f"cpu_{isa}", marks=_isa_skip(isa)) for isa in CPU_ISAS]
+
+
+def kernel_backend(backend):
+    """fercuda.ops' backend= of a test backend ("cpu_avx2" -> "cpu")."""
+    return backend.split("_")[0]
 
 
 def sample_inputs(device, dtype, generator, *, n=2, c=3, h=5, w=7, channels_last=False, residual=True,

@@ -6,7 +6,11 @@ Most tests run one assertion body for every backend, the parameter `backend` in 
   cpu     the C++ CPU kernels (batches of at most 2 at the network's shapes);
   cuda    the CUDA C++ kernels, where a GPU is (marked needs_cuda: skipped elsewhere);
   triton  the Triton kernels: on CUDA tensors where a GPU is, else on CPU tensors through Triton's
-          interpreter, at the small shapes only.
+          interpreter, at the small shapes only;
+  cpu_<path>  the C++ CPU kernels on one instruction-set path (baseline, avx2, avx512,
+          avx512_bf16; fercuda.set_cpu_isa), every path this CPU can run, the others skipped with
+          the reason: the value, statistics and gradient tests at the kernels' vector edges
+          (bn_act_cases.ISA_SHAPES) and a few of the network's shapes.
 Then the tests that make sense for one backend: float64 and the argument checks against the fakes
 (C++ CPU kernels), and the CUDA device code compiled for the CPU (id `emulated`).
 """
@@ -22,9 +26,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fercuda  # noqa: F401  (loads the C++ ops)
 import fercuda.ops
 from bn_act_cases import (
+    ISA_SHAPES,
     assert_grads_close_fp32,
     eager_gradients,
     float64_gradients,
+    isa_backends,
+    isa_cases,
+    kernel_backend,
     off_the_kinks,
     reference,
     sample_inputs,
@@ -73,7 +81,22 @@ def cases(shapes, interpreted=(), backends=("cpu", "cuda", "triton")):
 
 
 def device_of(backend):
-    return {"cpu": "cpu", "cuda": "cuda", "triton": TRITON_DEVICE}[backend]
+    return {"cpu": "cpu", "cuda": "cuda", "triton": TRITON_DEVICE}[kernel_backend(backend)]
+
+
+@pytest.fixture(autouse=True)
+def cpu_isa_of_backend(request):
+    """Sets the instruction-set path of a "cpu_<path>" backend for the test, and restores it."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    if not (isinstance(backend, str) and backend.startswith("cpu_")):
+        yield
+        return
+    before = fercuda.set_cpu_isa(backend.split("_", 1)[1])
+    try:
+        yield
+    finally:
+        fercuda.set_cpu_isa(before)
 
 
 def batch(backend, n):
@@ -81,7 +104,7 @@ def batch(backend, n):
 
 
 def op(backend, kind=""):
-    """The registered op of a backend; kind "", "_train" or "_backward"."""
+    """The registered op of a backend; kind "", "_train" or "_backward"; cpu_<path>: the CPU op."""
     if backend == "triton":
         import fercuda.triton.bn_act  # noqa: F401  (registers the Triton ops)
     return getattr(OPS, f"batch_norm_act{kind}" + ("_triton" if backend == "triton" else ""))
@@ -114,13 +137,14 @@ def _assert_out(out, expected, eager, dtype, what="out"):
 @pytest.mark.parametrize(**KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(**LAYOUTS)
-@pytest.mark.parametrize("backend, shape", cases(NETWORK_SHAPES + ODD_SHAPES[:3] + SMALL_SHAPES, SMALL_SHAPES))
+@pytest.mark.parametrize("backend, shape", cases(NETWORK_SHAPES + ODD_SHAPES[:3] + SMALL_SHAPES, SMALL_SHAPES)
+                         + isa_cases(ISA_SHAPES))
 def test_inference(backend, shape, channels_last, dtype, relu6, residual, rng):
     n, c, h, w = shape
     inputs = sample_inputs(device_of(backend), dtype, rng, n=batch(backend, n), c=c, h=h, w=w,
                            channels_last=channels_last, residual=residual, bn_dtype=_bn_dtype(dtype))
     with poisoned_allocations():
-        out = fercuda.ops.batch_norm_act(*inputs, relu6=relu6, backend=backend)
+        out = fercuda.ops.batch_norm_act(*inputs, relu6=relu6, backend=kernel_backend(backend))
     expected = reference(*inputs, relu6=relu6)
     assert out.shape == expected.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=memory_format(channels_last))
@@ -131,7 +155,8 @@ def test_inference(backend, shape, channels_last, dtype, relu6, residual, rng):
 @pytest.mark.parametrize(**KINDS_TWO)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(**LAYOUTS)
-@pytest.mark.parametrize("backend, shape", cases(NETWORK_SHAPES[1:] + ODD_SHAPES + SMALL_SHAPES, SMALL_SHAPES))
+@pytest.mark.parametrize("backend, shape", cases(NETWORK_SHAPES[1:] + ODD_SHAPES + SMALL_SHAPES, SMALL_SHAPES)
+                         + isa_cases(ISA_SHAPES))
 def test_training_forward(backend, shape, channels_last, dtype, relu6, residual, rng):
     """One step of the functional training op: the output, the float32 batch statistics and the
     new running statistics; the inputs left as they were."""
@@ -163,7 +188,7 @@ def test_training_forward(backend, shape, channels_last, dtype, relu6, residual,
 
 
 @pytest.mark.parametrize(**LAYOUTS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + tuple(isa_backends()))
 def test_running_stats_match_batchnorm_after_two_steps(backend, channels_last, rng):
     """The entry point updates the buffers in place as nn.BatchNorm2d (float64) does, step after step."""
     device = device_of(backend)
@@ -175,7 +200,7 @@ def test_running_stats_match_batchnorm_after_two_steps(backend, channels_last, r
     rm, rv = inputs[3].clone(), inputs[4].clone()
     for _ in range(2):
         x = sample_inputs(device, torch.float32, rng, n=3, c=6, h=4, w=5, channels_last=channels_last)[0]
-        out = fercuda.ops.batch_norm_act(x, inputs[1], inputs[2], rm, rv, inputs[5], training=True, backend=backend)
+        out = fercuda.ops.batch_norm_act(x, inputs[1], inputs[2], rm, rv, inputs[5], training=True, backend=kernel_backend(backend))
         with torch.no_grad():
             expected = F.hardtanh(bn(x.double()), 0.0, 6.0) + inputs[5].double()
         assert_close_fp32(out, expected)
@@ -183,17 +208,17 @@ def test_running_stats_match_batchnorm_after_two_steps(backend, channels_last, r
     assert_close_fp32(rv, bn.running_var)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + tuple(isa_backends()))
 def test_noncontiguous_and_mixed_layouts(backend, rng):
     """x in neither layout (copied to NCHW); a residual in another layout than x."""
     inputs = list(sample_inputs(device_of(backend), torch.float32, rng, n=2, c=4, h=10, w=14))
     inputs[0] = inputs[0][:, :, ::2, 1::2]
     inputs[5] = inputs[5][:, :, ::2, 1::2].contiguous(memory_format=torch.channels_last)
-    out = fercuda.ops.batch_norm_act(*inputs, backend=backend)
+    out = fercuda.ops.batch_norm_act(*inputs, backend=kernel_backend(backend))
     assert_close_fp32(out, reference(*inputs))
     inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
     inputs[5] = inputs[5].contiguous()
-    out = fercuda.ops.batch_norm_act(*inputs, training=True, backend=backend)
+    out = fercuda.ops.batch_norm_act(*inputs, training=True, backend=kernel_backend(backend))
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close_fp32(out, reference(*inputs, training=True))
 
@@ -203,8 +228,8 @@ def test_empty_batch(backend):
     inputs = sample_inputs(device_of(backend), torch.float32, torch.Generator().manual_seed(1), n=0, c=4, h=5, w=5)
     x, w, b = leaves_of(inputs)
     rm, rv = inputs[3].clone(), inputs[4].clone()
-    assert fercuda.ops.batch_norm_act(x, w, b, rm, rv, inputs[5], backend=backend).shape == (0, 4, 5, 5)
-    y = fercuda.ops.batch_norm_act(x, w, b, rm, rv, inputs[5], training=True, backend=backend)
+    assert fercuda.ops.batch_norm_act(x, w, b, rm, rv, inputs[5], backend=kernel_backend(backend)).shape == (0, 4, 5, 5)
+    y = fercuda.ops.batch_norm_act(x, w, b, rm, rv, inputs[5], training=True, backend=kernel_backend(backend))
     assert y.shape == (0, 4, 5, 5)
     assert torch.equal(rm, inputs[3]) and torch.equal(rv, inputs[4])
     y.sum().backward()
@@ -215,14 +240,14 @@ def test_empty_batch(backend):
 def test_exception_single_value_per_channel_in_training(backend):
     inputs = sample_inputs(device_of(backend), torch.float32, torch.Generator().manual_seed(2), n=1, c=4, h=1, w=1)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as ours:
-        fercuda.ops.batch_norm_act(*inputs, training=True, backend=backend)
+        fercuda.ops.batch_norm_act(*inputs, training=True, backend=kernel_backend(backend))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         nn.BatchNorm2d(4).train()(inputs[0].double())
     assert str(ours.value).startswith("fercuda.batch_norm_act_train")
-    fercuda.ops.batch_norm_act(*inputs, training=False, backend=backend)  # running statistics: fine
+    fercuda.ops.batch_norm_act(*inputs, training=False, backend=kernel_backend(backend))  # running statistics: fine
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + tuple(isa_backends()))
 def test_backends_agree_with_the_cpp_training_op(backend, rng):
     """One contract: the backend's training op returns the C++ CPU op's five outputs (dtypes,
     layouts, values up to their summation orders) and its backward the same three gradients."""
@@ -248,7 +273,8 @@ def test_backends_agree_with_the_cpp_training_op(backend, rng):
 @pytest.mark.parametrize(**ACTS)
 @pytest.mark.parametrize(**LAYOUTS)
 @pytest.mark.parametrize("training", (False, True), ids=("eval", "train"))
-@pytest.mark.parametrize("backend, shape", cases(NETWORK_SHAPES[1:] + ODD_SHAPES[::2] + SMALL_SHAPES, SMALL_SHAPES))
+@pytest.mark.parametrize("backend, shape", cases(NETWORK_SHAPES[1:] + ODD_SHAPES[::2] + SMALL_SHAPES, SMALL_SHAPES)
+                         + isa_cases(ISA_SHAPES))
 def test_gradients_match_float64_autograd(backend, shape, training, channels_last, relu6, rng):
     """float32: the backward op's (grad_x, grad_weight, grad_bias) against float64 autograd."""
     n, c, h, w = shape
@@ -272,7 +298,8 @@ def test_gradients_match_float64_autograd(backend, shape, training, channels_las
 
 @pytest.mark.parametrize(**LAYOUTS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("backend, shape", cases([(64, 256, 12, 12), (2, 3, 5, 7)], [(2, 3, 5, 7)]))
+@pytest.mark.parametrize("backend, shape", cases([(64, 256, 12, 12), (2, 3, 5, 7)], [(2, 3, 5, 7)])
+                         + isa_cases(ISA_SHAPES[1:3]))
 def test_low_precision_gradients_through_autograd(backend, shape, dtype, channels_last, rng):
     """float16 / bfloat16 x and residual, float32 BatchNorm tensors (autocast's mix): gradients
     of every input within twice the error of eager PyTorch in that precision."""
@@ -282,7 +309,7 @@ def test_low_precision_gradients_through_autograd(backend, shape, dtype, channel
     x, weight, bias, rm, rv, res = inputs
     leaves = leaves_of(inputs)
     res_leaf = res.detach().clone().requires_grad_()
-    out = fercuda.ops.batch_norm_act(*leaves, rm.clone(), rv.clone(), res_leaf, training=True, backend=backend)
+    out = fercuda.ops.batch_norm_act(*leaves, rm.clone(), rv.clone(), res_leaf, training=True, backend=kernel_backend(backend))
     grad_out = off_the_kinks(torch.randn(x.shape, generator=rng).to(x.device, dtype), inputs, training=True)
     out.backward(grad_out)
     assert torch.equal(res_leaf.grad, grad_out)
@@ -295,9 +322,9 @@ def test_low_precision_gradients_through_autograd(backend, shape, dtype, channel
                             [t.cpu() for t in terms[1:]])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + tuple(isa_backends()))
 def test_reductions_are_deterministic_and_independent_of_threads(backend, rng):
-    n = 4 if device_of(backend) == "cuda" or backend == "cpu" else 2
+    n = 4 if device_of(backend) == "cuda" or backend.startswith("cpu") else 2
     shape = (n, 64, 12, 12) if backend != "triton" or TRITON_DEVICE == "cuda" else (2, 3, 5, 7)
     threads = torch.get_num_threads()
     for channels_last in (False, True):
@@ -305,7 +332,7 @@ def test_reductions_are_deterministic_and_independent_of_threads(backend, rng):
                                w=shape[3], channels_last=channels_last)
         x, weight, bias, rm, rv, res = inputs
         runs = []
-        for num_threads in (1, threads, 1):
+        for num_threads in (1, threads, 3):
             torch.set_num_threads(num_threads)
             try:
                 out, mean, invstd, new_mean, new_var = op(backend, "_train")(x, weight, bias, rm, rv, res, True, 1e-5,
@@ -317,6 +344,94 @@ def test_reductions_are_deterministic_and_independent_of_threads(backend, rng):
         for run in runs[1:]:
             for a, b in zip(runs[0], run):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("backend, shape", isa_cases([ISA_SHAPES[1], ISA_SHAPES[3]]))
+def test_cpu_paths_do_not_depend_on_the_thread_count(backend, shape, dtype, rng):
+    """Every instruction-set path, both layouts, reductions of one and of several parts: the five
+    outputs of training and the three gradients, bit for bit at 1, 2 and 3 threads."""
+    n, c, h, w = shape
+    threads = torch.get_num_threads()
+    for channels_last in (False, True):
+        inputs = sample_inputs("cpu", dtype, rng, n=n, c=c, h=h, w=w, channels_last=channels_last,
+                               bn_dtype=torch.float32)
+        grad_out = torch.randn(inputs[0].shape, generator=rng).to(dtype).contiguous(
+            memory_format=memory_format(channels_last))
+        runs = []
+        try:
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                out = OPS.batch_norm_act_train(*inputs, True, 1e-5, 0.1)
+                runs.append(out + OPS.batch_norm_act_backward(grad_out, *inputs[:3], out[1], out[2], True, True))
+        finally:
+            torch.set_num_threads(threads)
+        for run in runs[1:]:
+            for a, b in zip(runs[0], run):
+                assert torch.equal(a, b)
+
+
+def _c10_bfloat16_bits(a):
+    """c10::BFloat16(float)'s bits of float32 values: round to nearest even, any NaN to 0x7FC0."""
+    u = a.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    return torch.where(a.isnan(), torch.full_like(rounded, 0x7FC0), rounded)
+
+
+@pytest.mark.parametrize(**LAYOUTS)
+@pytest.mark.parametrize("backend", isa_backends())
+def test_cpu_paths_round_bfloat16_as_c10(backend, channels_last):
+    """Every bfloat16 bit pattern (NaNs of any sign and payload, infinities, denormals) times a
+    weight per channel, BatchNorm otherwise the identity (invstd exactly 1): the output's bits are
+    c10's rounding of the float32 product, which the vector narrowing (vcvtneps2bf16 on the
+    avx512_bf16 path) must match, NaN and float32 denormal results included."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(1, 1, 256, 256)
+    weight = torch.tensor([1.0, 0.3, 3e-5, 1.7e-3, -2.5], dtype=torch.float32)
+    x = x.expand(1, len(weight), 256, 256).contiguous(memory_format=memory_format(channels_last))
+    eps = 2.0 ** -17  # running_var + eps == 1 exactly: invstd 1, scale = weight, shift 0
+    zeros = torch.zeros(len(weight))
+    out = OPS.batch_norm_act(x, weight, zeros, zeros, torch.full_like(zeros, 1 - eps), None, False, eps)
+    # float32 products as the kernel's fma(x, weight, +0) rounds them (+0 turns -0 into +0)
+    product = x.float() * weight[None, :, None, None] + 0.0
+    got = out.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    expected = _c10_bfloat16_bits(product.contiguous())
+    bad = got != expected
+    assert not bad.any(), (f"{int(bad.sum())} values differ, e.g. float32 {product.contiguous()[bad][0].item()!r}: "
+                           f"{int(got[bad][0]):#06x} vs c10 {int(expected[bad][0]):#06x}")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize(**LAYOUTS)
+@pytest.mark.parametrize("backend", isa_backends())
+def test_cpu_paths_at_every_channel_count_to_17(backend, channels_last, dtype, rng):
+    """C = 1 .. 17 (up to a 16-lane vector and one past it) at N=1 over an odd 3x5 image and at N=2
+    over 4x5: inference, training and its gradients of every instruction-set path against float64
+    (low precision: within twice eager's error)."""
+    for c in range(1, 18):
+        for n, h, w in ((1, 3, 5), (2, 4, 5)):
+            inputs = sample_inputs("cpu", dtype, rng, n=n, c=c, h=h, w=w, channels_last=channels_last,
+                                   bn_dtype=torch.float32)
+            x, weight, bias, rm, rv, res = inputs
+            eager_args = (x, weight, bias, rm.clone(), rv.clone(), res)
+            for relu6 in (True, False):
+                out = OPS.batch_norm_act(*inputs, relu6, 1e-5)
+                expected = reference(*inputs, relu6=relu6)
+                _assert_out(out, expected, reference(*eager_args, relu6=relu6, dtype=dtype, bn_dtype=torch.float32),
+                            dtype, f"C={c} N={n} inference")
+            y, mean, invstd, _, _ = OPS.batch_norm_act_train(*inputs, True, 1e-5, 0.1)
+            expected = reference(x, weight, bias, rm.double().clone(), rv.double().clone(), res, training=True)
+            eager = reference(*eager_args, training=True, dtype=dtype, bn_dtype=torch.float32)
+            _assert_out(y, expected, eager, dtype, f"C={c} N={n} training")
+            grad_out = torch.randn(x.shape, generator=rng).to(dtype).contiguous(memory_format=memory_format(channels_last))
+            grad_out = off_the_kinks(grad_out, inputs, training=True)
+            grads = OPS.batch_norm_act_backward(grad_out, x, weight, bias, mean, invstd, True, True)
+            exp, terms = float64_gradients(inputs, grad_out, training=True)
+            if dtype == torch.float32:
+                assert_grads_close_fp32(GRAD_NAMES, grads, exp, terms)
+            else:
+                eager_grads = eager_gradients(inputs, grad_out, dtype, training=True, bn_dtype=torch.float32)
+                assert_within_twice_eager(grads[0], exp[0], eager_grads[0], f"C={c} N={n} grad x")
+                assert_grads_close_fp32(GRAD_NAMES[1:], grads[1:], exp[1:], terms[1:])
 
 
 # =============================================================================================
@@ -351,17 +466,17 @@ def test_compile_fullgraph_training_step(backend, rng):
     res = inputs[5].clone().requires_grad_()
 
     def step(x, w, b, r):
-        y = fercuda.ops.batch_norm_act(x, w, b, rm, rv, r, training=True, backend=backend)
-        return fercuda.ops.batch_norm_act(y, w, b, rm, rv, relu6=False, training=True, backend=backend).square().sum()
+        y = fercuda.ops.batch_norm_act(x, w, b, rm, rv, r, training=True, backend=kernel_backend(backend))
+        return fercuda.ops.batch_norm_act(y, w, b, rm, rv, relu6=False, training=True, backend=kernel_backend(backend)).square().sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     compiled(*leaves, res).backward()
     expected = leaves_of(inputs)
     eager_res = inputs[5].clone().requires_grad_()
     eager_rm, eager_rv = inputs[3].clone(), inputs[4].clone()
-    y = fercuda.ops.batch_norm_act(*expected, eager_rm, eager_rv, eager_res, training=True, backend=backend)
+    y = fercuda.ops.batch_norm_act(*expected, eager_rm, eager_rv, eager_res, training=True, backend=kernel_backend(backend))
     fercuda.ops.batch_norm_act(y, *expected[1:], eager_rm, eager_rv, relu6=False, training=True,
-                               backend=backend).square().sum().backward()
+                               backend=kernel_backend(backend)).square().sum().backward()
     for leaf, exp in zip(leaves + [res], expected + [eager_res]):
         torch.testing.assert_close(leaf.grad, exp.grad)
     torch.testing.assert_close(rm, eager_rm)
@@ -415,7 +530,7 @@ def test_exception_eps(backend, eps, printed, training, rng):
     stats = [t.clone() for t in inputs[3:5]]
     with pytest.raises(ValueError, match=f"^fercuda.batch_norm_act: argument 'eps' must be a finite number > 0, "
                                          f"got {printed}$"):
-        fercuda.ops.batch_norm_act(*inputs, eps=eps, training=training, backend=backend)
+        fercuda.ops.batch_norm_act(*inputs, eps=eps, training=training, backend=kernel_backend(backend))
     assert all(torch.equal(a, b) for a, b in zip(inputs[3:5], stats))
 
 
@@ -425,7 +540,7 @@ def test_exception_momentum(backend, momentum, printed, rng):
     inputs = sample_inputs(device_of(backend), torch.float32, rng)
     with pytest.raises(ValueError, match=r"^fercuda.batch_norm_act: argument 'momentum' must be a number in "
                                          rf"\[0, 1\], got {printed}$"):
-        fercuda.ops.batch_norm_act(*inputs, momentum=momentum, training=True, backend=backend)
+        fercuda.ops.batch_norm_act(*inputs, momentum=momentum, training=True, backend=kernel_backend(backend))
 
 
 @pytest.mark.parametrize("arg", ["x", "weight", "residual"])

@@ -1,6 +1,8 @@
 // The CPU ops of BatchNorm + ReLU6 (or identity) + residual add (schemas in csrc/ops.cpp): argument
-// checks, allocation, dtype dispatch and the parallel loops; the loops themselves are in
-// bn_act_cpu_kernels.h.
+// checks, allocation, the per-channel coefficients, the merges of the reductions' parts and the
+// running statistics, around the compute of the active instruction-set path (bn_act_cpu_paths.h):
+// the parallel loops in bn_act_cpu_compute.h, the loops themselves in bn_act_cpu_kernels.h, compiled
+// once per path (bn_act_cpu_path_*.cpp).
 //
 // Passes over memory (x, y, the residual and gradients; the (C,) vectors do not count):
 //  inference  1 pass:   y = act(x * scale + shift) + residual.
@@ -12,7 +14,8 @@
 // Reductions are deterministic and independent of the thread count: the tensor is cut into parts
 // by its shape alone (NCHW: chunks of a plane; channels_last: chunks of rows), each part reduced
 // in the accumulation type in a fixed order, and the parts merged per channel in double precision
-// in part order (Chan's combination for the variance).
+// in part order (Chan's combination for the variance). The merges are here, compiled for the
+// baseline, so that every path merges alike.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,49 +23,70 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <tuple>
 #include <vector>
 
-#include "bn_act_cpu_kernels.h"
+#include "bn_act_cpu_paths.h"
+#include "fercuda/bn_act_math.h"
 #include "fercuda/checks.h"
 
-// The kernels' 64-byte vectors never cross a call (always inlined); GCC reports the ABI of their
-// instantiations in the baseline clone at the end of this file.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace fercuda {
+namespace bn_act_cpu {
+
+const Path& active_path() {
+  switch (cpu::active_isa()) {
+    case cpu::Isa::kAvx512Bf16:
+      return path_avx512_bf16();
+    case cpu::Isa::kAvx512:
+      return path_avx512();
+    case cpu::Isa::kAvx2:
+      return path_avx2();
+    case cpu::Isa::kBaseline:
+      break;
+  }
+  return path_baseline();
+}
+
+template <typename T>
+void merge_tile_lanes(const Layout& l, int64_t full, int64_t rest, const T* tile_mean, const T* tile_m2,
+                      const T* rest_mean, T* part_mean, T* part_m2, double* sum, double* m2) {
+  const int64_t cnt = full * l.tile + rest;
+  std::fill(sum, sum + l.c, 0.0);
+  std::fill(m2, m2 + l.c, 0.0);
+  // Lane j = r * C + c: tile row by tile row, each channel's lanes in lane order.
+  const int64_t tile_rows = full ? l.tile : 0;
+  for (int64_t r = 0; r < tile_rows; ++r)
+    for (int64_t c = 0; c < l.c; ++c) sum[c] += static_cast<double>(full) * tile_mean[r * l.c + c];
+  for (int64_t r = 0; r < rest; ++r)
+    for (int64_t c = 0; c < l.c; ++c) sum[c] += rest_mean[r * l.c + c];
+  for (int64_t c = 0; c < l.c; ++c) sum[c] /= static_cast<double>(cnt);  // the part's mean
+  for (int64_t r = 0; r < tile_rows; ++r)
+    for (int64_t c = 0; c < l.c; ++c) {
+      const double d = tile_mean[r * l.c + c] - sum[c];
+      m2[c] += tile_m2[r * l.c + c] + static_cast<double>(full) * d * d;
+    }
+  for (int64_t r = 0; r < rest; ++r)
+    for (int64_t c = 0; c < l.c; ++c) {
+      const double d = rest_mean[r * l.c + c] - sum[c];
+      m2[c] += d * d;
+    }
+  for (int64_t c = 0; c < l.c; ++c) {
+    part_mean[c] = static_cast<T>(sum[c]);
+    part_m2[c] = static_cast<T>(m2[c]);
+  }
+}
+
+template void merge_tile_lanes<float>(const Layout&, int64_t, int64_t, const float*, const float*, const float*,
+                                      float*, float*, double*, double*);
+template void merge_tile_lanes<double>(const Layout&, int64_t, int64_t, const double*, const double*,
+                                       const double*, double*, double*, double*, double*);
+
+}  // namespace bn_act_cpu
+
 namespace {
 
 using namespace bn_act_cpu;
-
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// Values a part of a reduction holds: small enough to stay in L1/L2 between its two sweeps.
-constexpr int64_t kPartValues = 8192;
-// channels_last: the least values a kernel row holds (a row of 8 channels alone is all loop
-// overhead and vector tails): image rows are taken `tile` at a time.
-constexpr int64_t kMinRun = 128;
-
-// How a (N, C, H, W) tensor is cut into parts: NCHW, each plane into `chunks` runs of at most
-// `chunk` values (part q = plane * chunks + k); channels_last, the N * H * W rows into runs of
-// `chunk` rows (part q = run), a multiple of `tile`, the image rows a kernel row holds.
-struct Layout {
-  bool cl;
-  int64_t n, c, hw;
-  int64_t chunk, chunks, parts;
-  int64_t tile;
-
-  PlaneRuns plane_runs() const { return {hw, chunk, chunks, c}; }
-
-  int64_t positions() const { return n * hw; }
-  // Values of channel c in part q (every channel has the same count in a part).
-  int64_t part_count(int64_t q) const {
-    const int64_t k = cl ? q : q % chunks;
-    const int64_t total = cl ? positions() : hw;
-    return std::min(chunk, total - k * chunk);
-  }
-};
 
 Layout layout_of(const at::Tensor& x, bool cl) {
   Layout l{cl, x.size(0), x.size(1), x.size(2) * x.size(3), 0, 0, 0, 1};
@@ -79,9 +103,6 @@ Layout layout_of(const at::Tensor& x, bool cl) {
   }
   return l;
 }
-
-// Grain of parallel_for over planes / rows: about kPartValues values a task.
-int64_t grain(int64_t values_per_item) { return std::max<int64_t>(1, kPartValues / std::max<int64_t>(values_per_item, 1)); }
 
 at::Tensor as_layout(const at::Tensor& t, bool cl) {
   return cl ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
@@ -135,141 +156,68 @@ std::vector<double> invstd_of(const std::vector<double>& var, double eps) {
   return out;
 }
 
-// v (C values) repeated tile times: the per-channel values of a kernel row of tile image rows.
-template <typename T>
-std::vector<T> tiled(const T* v, int64_t c, int64_t tile) {
-  std::vector<T> out(c * tile);
-  for (int64_t r = 0; r < tile; ++r) std::copy(v, v + c, out.begin() + r * c);
-  return out;
-}
-
-// channels_last rows [first, first + rows) as kernel rows: f(first row, kernel rows, values a
-// kernel row) for the whole tiles, then for the rest as one shorter kernel row.
+// The parts of channels [begin, end) in merge order: f(c - begin, values of c in the part, slot)
+// for each part, each channel's parts in part order. The slots are visited in memory order (the
+// channels of a part, side by side), not channel by channel (a stride of C slots).
 template <typename F>
-void for_kernel_rows(const Layout& l, int64_t first, int64_t rows, F f) {
-  const int64_t full = rows / l.tile, rest = rows % l.tile;
-  if (full) f(first, full, l.tile * l.c);
-  if (rest) f(first + full * l.tile, int64_t{1}, rest * l.c);
-}
-
-// Part indices of channel c in merge order.
-template <typename F>
-void for_parts_of_channel(const Layout& l, int64_t c, F f) {
+void for_parts_of_channels(const Layout& l, int64_t begin, int64_t end, F f) {
   if (l.cl) {
-    for (int64_t q = 0; q < l.parts; ++q) f(q, q * l.c + c);
+    for (int64_t q = 0; q < l.parts; ++q) {
+      const int64_t count = l.part_count(q);
+      for (int64_t c = begin; c < end; ++c) f(c - begin, count, q * l.c + c);
+    }
   } else {
     for (int64_t n = 0; n < l.n; ++n)
-      for (int64_t k = 0; k < l.chunks; ++k) {
-        const int64_t q = (n * l.c + c) * l.chunks + k;
-        f(q, q);
-      }
+      for (int64_t c = begin; c < end; ++c)
+        for (int64_t k = 0; k < l.chunks; ++k) {
+          const int64_t q = (n * l.c + c) * l.chunks + k;
+          f(c - begin, std::min(l.chunk, l.hw - k * l.chunk), q);
+        }
   }
 }
+
+// Uninitialized storage for the parts' results (the path writes every slot).
+template <typename T>
+std::unique_ptr<T[]> part_slots(const Layout& l) {
+  return std::unique_ptr<T[]>(new T[l.part_slots()]);
+}
+
+// Channels a task of the merges takes.
+constexpr int64_t kMergeChannels = 64;
 
 // ---- Statistics (training pass 1) -----------------------------------------------------------
 
-// Per-channel batch mean and biased variance, in double. Parts are combined by the parallel form
-// of Chan's formula, in part order: mean = sum(n_i * mean_i) / n, M2 = sum(M2_i + n_i * (mean_i -
-// mean)^2) (two sweeps over the parts, no division per part).
-template <typename scalar_t>
-void batch_stats(const at::Tensor& x, const Layout& l, double* mean, double* var) {
-  using T = acc_t<scalar_t>;
-  const scalar_t* xd = x.const_data_ptr<scalar_t>();
-  // Part q's mean / M2 of channel c at index q (NCHW) or q * C + c (channels_last).
-  std::vector<T> pm(l.cl ? l.parts * l.c : l.parts), pq(pm.size());
-  if (l.cl) {
-    at::parallel_for(0, l.parts, 1, [&](int64_t begin, int64_t end) {
-      // Lanes of a kernel row (channel c of tile row r at r * C + c): the whole tiles' lanes
-      // (count `full` each), then the rest's (count 1 each), combined per channel as the parts are.
-      const int64_t lanes = l.tile * l.c;
-      std::vector<T> tile_mean(lanes), tile_m2(lanes), rest_mean(lanes), rest_m2(lanes);
-      std::vector<double> sum(l.c), m2(l.c);
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t first = q * l.chunk, cnt = l.part_count(q);
-        const int64_t full = cnt / l.tile, rest = cnt % l.tile;
-        if (l.tile == 1) {  // one lane a channel: the part's statistics as they are
-          rows_mean_m2<scalar_t, T>(xd + first * l.c, cnt, l.c, pm.data() + q * l.c, pq.data() + q * l.c);
-          continue;
-        }
-        if (full) rows_mean_m2<scalar_t, T>(xd + first * l.c, full, lanes, tile_mean.data(), tile_m2.data());
-        if (rest) {
-          rows_mean_m2<scalar_t, T>(xd + (first + full * l.tile) * l.c, 1, rest * l.c, rest_mean.data(),
-                                    rest_m2.data());
-        }
-        std::fill(sum.begin(), sum.end(), 0.0);
-        std::fill(m2.begin(), m2.end(), 0.0);
-        for (int64_t j = 0; j < (full ? lanes : 0); ++j) sum[j % l.c] += static_cast<double>(full) * tile_mean[j];
-        for (int64_t j = 0; j < rest * l.c; ++j) sum[j % l.c] += rest_mean[j];
-        for (int64_t c = 0; c < l.c; ++c) sum[c] /= static_cast<double>(cnt);  // the part's mean
-        for (int64_t j = 0; j < (full ? lanes : 0); ++j) {
-          const double d = tile_mean[j] - sum[j % l.c];
-          m2[j % l.c] += tile_m2[j] + static_cast<double>(full) * d * d;
-        }
-        for (int64_t j = 0; j < rest * l.c; ++j) {
-          const double d = rest_mean[j] - sum[j % l.c];
-          m2[j % l.c] += d * d;
-        }
-        for (int64_t c = 0; c < l.c; ++c) {
-          pm[q * l.c + c] = static_cast<T>(sum[c]);
-          pq[q * l.c + c] = static_cast<T>(m2[c]);
-        }
-      }
-    });
-  } else {
-    at::parallel_for(0, l.parts, grain(std::min(l.hw, l.chunk)), [&](int64_t begin, int64_t end) {
-      runs_mean_m2<scalar_t, T>(xd, l.plane_runs(), begin, end, pm.data(), pq.data());
-    });
-  }
+// Per-channel batch mean and biased variance, in double: the path's parts (each part's mean and
+// M2), combined by the parallel form of Chan's formula, in part order: mean = sum(n_i * mean_i) / n,
+// M2 = sum(M2_i + n_i * (mean_i - mean)^2) (two sweeps over the parts, no division per part).
+template <typename T>
+void batch_stats(const Path& path, const at::Tensor& x, const Layout& l, double* mean, double* var) {
+  const auto pm = part_slots<T>(l), pq = part_slots<T>(l);
+  path.kernels<T>().part_stats(x, l, pm.get(), pq.get());
   const double count = static_cast<double>(l.positions());
-  at::parallel_for(0, l.c, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double sum = 0, m2 = 0;
-      for_parts_of_channel(l, c, [&](int64_t q, int64_t i) { sum += static_cast<double>(l.part_count(q)) * pm[i]; });
-      const double mu = sum / count;
-      for_parts_of_channel(l, c, [&](int64_t q, int64_t i) {
-        const double d = pm[i] - mu;
-        m2 += pq[i] + static_cast<double>(l.part_count(q)) * d * d;
-      });
-      mean[c] = mu;
-      var[c] = m2 / count;
-    }
+  at::parallel_for(0, l.c, kMergeChannels, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum(end - begin), m2(end - begin);
+    for_parts_of_channels(l, begin, end, [&](int64_t j, int64_t n_i, int64_t i) {
+      sum[j] += static_cast<double>(n_i) * pm[i];
+    });
+    for (int64_t c = begin; c < end; ++c) mean[c] = sum[c - begin] / count;
+    for_parts_of_channels(l, begin, end, [&](int64_t j, int64_t n_i, int64_t i) {
+      const double d = pm[i] - mean[begin + j];
+      m2[j] += pq[i] + static_cast<double>(n_i) * d * d;
+    });
+    for (int64_t c = begin; c < end; ++c) var[c] = m2[c - begin] / count;
   });
 }
 
-// ---- y = act(x * scale + shift) + residual ---------------------------------------------------
-
-template <typename scalar_t, typename T>
-void apply(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const Layout& l, const T* scale,
-           const T* shift, bool relu6, at::Tensor& y) {
-  const scalar_t* xd = x.const_data_ptr<scalar_t>();
-  const scalar_t* rd = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* yd = y.mutable_data_ptr<scalar_t>();
-  auto run = [&](auto relu6_tag) {
-    constexpr bool kRelu6 = decltype(relu6_tag)::value;
-    if (l.cl) {
-      const std::vector<T> scale_t = tiled(scale, l.c, l.tile), shift_t = tiled(shift, l.c, l.tile);
-      at::parallel_for(0, l.positions(), grain(l.c), [&](int64_t begin, int64_t end) {
-        for_kernel_rows(l, begin, end - begin, [&](int64_t first, int64_t rows, int64_t len) {
-          const int64_t off = first * l.c;
-          rows_apply<kRelu6, scalar_t, T>(xd + off, rd ? rd + off : nullptr, rows, len, scale_t.data(),
-                                          shift_t.data(), yd + off);
-        });
-      });
-    } else {
-      at::parallel_for(0, l.n * l.c, grain(l.hw), [&](int64_t begin, int64_t end) {
-        planes_apply<kRelu6, scalar_t, T>(xd, rd, l.hw, l.c, begin, end, scale, shift, yd);
-      });
-    }
-  };
-  if (relu6) {
-    run(std::true_type{});
+// float for float32, float16 and bfloat16 x; double for float64.
+template <typename F>
+void with_acc_type(const at::Tensor& x, F fn) {
+  if (x.scalar_type() == at::kDouble) {
+    fn(double{});
   } else {
-    run(std::false_type{});
+    fn(float{});
   }
 }
-
-#define FERCUDA_DISPATCH_BN_ACT(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
 at::Tensor empty_like_layout(const at::Tensor& x, bool cl) {
   return at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
@@ -288,14 +236,14 @@ at::Tensor batch_norm_act_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
   const at::Tensor x = as_layout(x_in, cl);
   at::Tensor y = empty_like_layout(x, cl);
   if (y.numel() == 0) return y;
-  c10::optional<at::Tensor> residual;
-  if (residual_in.has_value()) residual = as_layout(*residual_in, cl);
+  const at::Tensor residual = residual_in.has_value() ? as_layout(*residual_in, cl) : at::Tensor();
   const Layout l = layout_of(x, cl);
-  FERCUDA_DISPATCH_BN_ACT(x.scalar_type(), "batch_norm_act", [&] {
-    using T = acc_t<scalar_t>;
+  with_acc_type(x, [&](auto acc) {
+    using T = decltype(acc);
     auto [scale, shift] = affine_of<T>(values_of(weight), values_of(bias), values_of(running_mean),
                                        invstd_of(values_of(running_var), eps));
-    apply<scalar_t, T>(x, residual, l, scale.data(), shift.data(), relu6, y);
+    const Coeffs<T> k{nullptr, nullptr, scale.data(), shift.data(), nullptr, nullptr, nullptr};
+    active_path().kernels<T>().apply(x, residual, l, k, relu6, y);
   });
   return y;
 }
@@ -320,15 +268,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
             running_var.clone()};
   }
   check_bn_act_batch_stats(op, x.size(0), channels, x.size(2), x.size(3));
-  c10::optional<at::Tensor> residual;
-  if (residual_in.has_value()) residual = as_layout(*residual_in, cl);
+  const at::Tensor residual = residual_in.has_value() ? as_layout(*residual_in, cl) : at::Tensor();
   const Layout l = layout_of(x, cl);
+  const Path& path = active_path();
   std::vector<double> batch_mean(channels), batch_var(channels);  // biased variance
-  FERCUDA_DISPATCH_BN_ACT(x.scalar_type(), "batch_norm_act", [&] {
-    using T = acc_t<scalar_t>;
-    batch_stats<scalar_t>(x, l, batch_mean.data(), batch_var.data());
+  with_acc_type(x, [&](auto acc) {
+    using T = decltype(acc);
+    batch_stats<T>(path, x, l, batch_mean.data(), batch_var.data());
     auto [scale, shift] = affine_of<T>(values_of(weight), values_of(bias), batch_mean, invstd_of(batch_var, eps));
-    apply<scalar_t, T>(x, residual, l, scale.data(), shift.data(), relu6, y);
+    const Coeffs<T> k{nullptr, nullptr, scale.data(), shift.data(), nullptr, nullptr, nullptr};
+    path.kernels<T>().apply(x, residual, l, k, relu6, y);
   });
   // nn.BatchNorm2d: the running variance takes the unbiased estimate.
   const double count = static_cast<double>(l.positions());
@@ -357,91 +306,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
   }
   const at::Tensor g = as_layout(grad_out_in, cl);
   const Layout l = layout_of(x, cl);
+  const Path& path = active_path();
   std::vector<double> sums(2 * channels);  // sum(ga), then sum(ga * xhat)
   const std::vector<double> mean_v = values_of(mean), invstd_v = values_of(invstd), weight_v = values_of(weight);
-  FERCUDA_DISPATCH_BN_ACT(x.scalar_type(), "batch_norm_act", [&] {
-    using T = acc_t<scalar_t>;
+  with_acc_type(x, [&](auto acc) {
+    using T = decltype(acc);
+    const Kernels<T>& kernels = path.kernels<T>();
     const std::vector<T> mean_t = narrowed<T>(mean_v), invstd_t = narrowed<T>(invstd_v);
     auto [scale_t, shift_t] = affine_of<T>(weight_v, values_of(bias), mean_v, invstd_v);
-    const T *mu = mean_t.data(), *is = invstd_t.data(), *scale = scale_t.data(), *shift = shift_t.data();
-    const scalar_t* xd = x.const_data_ptr<scalar_t>();
-    const scalar_t* gd = g.const_data_ptr<scalar_t>();
-    scalar_t* gxd = grad_x.mutable_data_ptr<scalar_t>();
-    auto run = [&](auto relu6_tag) {
-      constexpr bool kRelu6 = decltype(relu6_tag)::value;
-      // Pass 1: the parts' sums, merged per channel in part order.
-      std::vector<T> pg(l.cl ? l.parts * l.c : l.parts), pgx(pg.size());
-      if (l.cl) {
-        const std::vector<T> mu_t = tiled(mu, l.c, l.tile), is_t = tiled(is, l.c, l.tile),
-                             scale_t = tiled(scale, l.c, l.tile), shift_t = tiled(shift, l.c, l.tile);
-        at::parallel_for(0, l.parts, 1, [&](int64_t begin, int64_t end) {
-          // Lanes of a kernel row, added into the part's per-channel sums tile row by tile row.
-          std::vector<T> lane_g(l.tile * l.c), lane_gx(l.tile * l.c);
-          for (int64_t q = begin; q < end; ++q) {
-            T* const part_g = pg.data() + q * l.c;
-            T* const part_gx = pgx.data() + q * l.c;
-            std::fill(part_g, part_g + l.c, T(0));
-            std::fill(part_gx, part_gx + l.c, T(0));
-            for_kernel_rows(l, q * l.chunk, l.part_count(q), [&](int64_t first, int64_t rows, int64_t len) {
-              const int64_t off = first * l.c;
-              rows_grad_sums<kRelu6, scalar_t, T>(gd + off, xd + off, rows, len, mu_t.data(), is_t.data(),
-                                                  scale_t.data(), shift_t.data(), lane_g.data(), lane_gx.data());
-              for (int64_t j = 0; j < len; ++j) {
-                part_g[j % l.c] += lane_g[j];
-                part_gx[j % l.c] += lane_gx[j];
-              }
-            });
-          }
-        });
-      } else {
-        at::parallel_for(0, l.parts, grain(std::min(l.hw, l.chunk)), [&](int64_t begin, int64_t end) {
-          runs_grad_sums<kRelu6, scalar_t, T>(gd, xd, l.plane_runs(), begin, end, mu, is, scale, shift, pg.data(),
-                                              pgx.data());
-        });
-      }
-      double* sd = sums.data();
-      at::parallel_for(0, l.c, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          double s_g = 0, s_gx = 0;
-          for_parts_of_channel(l, c, [&](int64_t, int64_t i) {
-            s_g += pg[i];
-            s_gx += pgx[i];
-          });
-          sd[c] = s_g;
-          sd[channels + c] = s_gx;
-        }
+    Coeffs<T> k{mean_t.data(), invstd_t.data(), scale_t.data(), shift_t.data(), nullptr, nullptr, nullptr};
+    // Pass 1: the parts' sums, merged per channel in part order.
+    const auto pg = part_slots<T>(l), pgx = part_slots<T>(l);
+    kernels.part_grad_sums(g, x, l, k, relu6, pg.get(), pgx.get());
+    double* sd = sums.data();
+    at::parallel_for(0, l.c, kMergeChannels, [&](int64_t begin, int64_t end) {
+      for_parts_of_channels(l, begin, end, [&](int64_t j, int64_t, int64_t i) {
+        sd[begin + j] += pg[i];
+        sd[channels + begin + j] += pgx[i];
       });
-      // Pass 2: grad_x.
-      const double count = static_cast<double>(l.positions());
-      std::vector<bn_act::Backward<T>> k(l.c);
-      for (int64_t c = 0; c < l.c; ++c)
-        k[c] = bn_act::backward_coeffs(static_cast<T>(weight_v[c]), is[c], sd[c], sd[channels + c], count, training);
-      if (l.cl) {
-        std::vector<T> k_ga(l.c), k_xhat(l.c), k_one(l.c);
-        for (int64_t c = 0; c < l.c; ++c) k_ga[c] = k[c].k_ga, k_xhat[c] = k[c].k_xhat, k_one[c] = k[c].k_one;
-        const std::vector<T> mu_t = tiled(mu, l.c, l.tile), is_t = tiled(is, l.c, l.tile),
-                             scale_t = tiled(scale, l.c, l.tile), shift_t = tiled(shift, l.c, l.tile),
-                             k_ga_t = tiled(k_ga.data(), l.c, l.tile), k_xhat_t = tiled(k_xhat.data(), l.c, l.tile),
-                             k_one_t = tiled(k_one.data(), l.c, l.tile);
-        at::parallel_for(0, l.positions(), grain(l.c), [&](int64_t begin, int64_t end) {
-          for_kernel_rows(l, begin, end - begin, [&](int64_t first, int64_t rows, int64_t len) {
-            const int64_t off = first * l.c;
-            rows_grad_x<kRelu6, scalar_t, T>(gd + off, xd + off, rows, len, mu_t.data(), is_t.data(), scale_t.data(),
-                                             shift_t.data(), k_ga_t.data(), k_xhat_t.data(), k_one_t.data(),
-                                             gxd + off);
-          });
-        });
-      } else {
-        at::parallel_for(0, l.n * l.c, grain(l.hw), [&](int64_t begin, int64_t end) {
-          planes_grad_x<kRelu6, scalar_t, T>(gd, xd, l.hw, l.c, begin, end, mu, is, scale, shift, k.data(), gxd);
-        });
-      }
-    };
-    if (relu6) {
-      run(std::true_type{});
-    } else {
-      run(std::false_type{});
+    });
+    // Pass 2: grad_x.
+    const double count = static_cast<double>(l.positions());
+    std::vector<T> k_ga(l.c), k_xhat(l.c), k_one(l.c);
+    for (int64_t c = 0; c < l.c; ++c) {
+      const auto b = bn_act::backward_coeffs(static_cast<T>(weight_v[c]), invstd_t[c], sd[c], sd[channels + c], count,
+                                             training);
+      k_ga[c] = b.k_ga, k_xhat[c] = b.k_xhat, k_one[c] = b.k_one;
     }
+    k.k_ga = k_ga.data(), k.k_xhat = k_xhat.data(), k.k_one = k_one.data();
+    kernels.grad_x(g, x, l, k, relu6, grad_x);
   });
   const std::vector<double> sum_ga(sums.begin(), sums.begin() + channels), sum_ga_xhat(sums.begin() + channels, sums.end());
   return {grad_x, tensor_of(sum_ga_xhat, weight.options()), tensor_of(sum_ga, bias.options())};

@@ -1,5 +1,6 @@
-// Loops of the BatchNorm + ReLU6 (or identity) + residual add CPU ops (bn_act_cpu.cpp): plain
-// C++ on pointers, no ATen. S is the tensor's storage type (float, double, c10::Half,
+// Loops of the BatchNorm + ReLU6 (or identity) + residual add CPU ops, compiled once per
+// instruction-set path (bn_act_cpu_compute.h in bn_act_cpu_path_*.cpp): plain C++ on pointers, no
+// ATen. S is the tensor's storage type (float, double, c10::Half,
 // c10::BFloat16), T the accumulation type (float, or double for double); the loops load S as T,
 // compute in T and store S, written so that GCC vectorizes them (bfloat16 widened by a shift and
 // narrowed by integer rounding, as c10::BFloat16 rounds).
@@ -22,17 +23,9 @@
 
 #include "fercuda/bn_act_math.h"
 
-// The hot loops are compiled for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the baseline; the
-// loader picks the clone the CPU runs.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
-#define FERCUDA_BN_ACT_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FERCUDA_BN_ACT_SIMD
-#endif
-
 namespace fercuda {
 namespace bn_act_cpu {
-// Internal linkage: private to bn_act_cpu.cpp, the file that includes it.
+// Internal linkage: each path's translation unit has its own copy, compiled for its instruction set.
 namespace {
 
 // ---- Loads and stores ------------------------------------------------------------------------
@@ -75,10 +68,10 @@ T combine_lanes(const T* acc) {
   return s;
 }
 
-// ---- 16-lane vectors (one AVX-512 register; two AVX2 or four SSE ones in the other clones) ------
+// ---- 16-lane vectors (one AVX-512 register; two AVX2 or four SSE ones on the other paths) --------
 //
 // Always inlined: no vector crosses a call boundary (the -Wpsabi note about the ABI of wide vectors
-// in the baseline clone does not apply).
+// on the narrower paths does not apply).
 
 constexpr int64_t kLanes16 = 16;
 typedef float V16 __attribute__((vector_size(64)));
@@ -113,6 +106,19 @@ __attribute__((always_inline)) inline void store16(S* p, V16 v) {
   if constexpr (std::is_same_v<S, float>) {
     std::memcpy(p, &v, sizeof(v));
   } else {
+#if defined(FERCUDA_BN_ACT_AVX512_BF16) && FERCUDA_BN_ACT_AVX512_BF16
+    // vcvtneps2bf16 rounds to nearest even as c10 does, but for NaN (it keeps the sign and the
+    // payload's top bits; c10 writes 0x7FC0) and float32 denormals (it flushes them to zero; c10
+    // rounds them): vectors with such a lane (vfpclassps: quiet or signalling NaN, denormal) take
+    // the integer rounding below. Checked against c10 on every float32 bit pattern.
+    __m512 f;
+    std::memcpy(&f, &v, sizeof(f));
+    if (__builtin_expect(_mm512_fpclass_ps_mask(f, 0x01 | 0x20 | 0x80) == 0, 1)) {
+      const __m256bh h = _mm512_cvtneps_pbh(f);
+      std::memcpy(p, &h, sizeof(h));
+      return;
+    }
+#endif
     U16 u;
     std::memcpy(&u, &v, sizeof(u));
     const U16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -320,54 +326,74 @@ __attribute__((always_inline)) inline void plane_grad_x(const S* __restrict g, c
 // `chunk` values: run q is chunk q % chunks of plane q / chunks, whose channel is plane % C.
 struct PlaneRuns {
   int64_t hw, chunk, chunks, c;
-  int64_t plane(int64_t q) const { return q / chunks; }
-  int64_t offset(int64_t q) const { return plane(q) * hw + (q % chunks) * chunk; }
-  int64_t count(int64_t q) const { return std::min(chunk, hw - (q % chunks) * chunk); }
-  int64_t channel(int64_t q) const { return plane(q) % c; }
 };
 
+// Visits runs [begin, end) in order: f(run, offset of its first value, values, channel). Plane,
+// chunk and channel advance by counting (a division per run costs as much as a 6x6 plane's work).
+template <typename F>
+__attribute__((always_inline)) inline void for_runs(const PlaneRuns& pr, int64_t begin, int64_t end, F f) {
+  if (begin >= end) return;
+  int64_t plane = begin / pr.chunks, k = begin % pr.chunks, c = plane % pr.c;
+  for (int64_t q = begin; q < end; ++q) {
+    f(q, plane * pr.hw + k * pr.chunk, std::min(pr.chunk, pr.hw - k * pr.chunk), c);
+    if (++k == pr.chunks) {
+      k = 0;
+      ++plane;
+      if (++c == pr.c) c = 0;
+    }
+  }
+}
+
+// Planes [begin, end): f(plane, channel).
+template <typename F>
+__attribute__((always_inline)) inline void for_planes(int64_t C, int64_t begin, int64_t end, F f) {
+  if (begin >= end) return;
+  int64_t c = begin % C;
+  for (int64_t p = begin; p < end; ++p) {
+    f(p, c);
+    if (++c == C) c = 0;
+  }
+}
+
 template <typename S, typename T>
-FERCUDA_BN_ACT_SIMD void runs_mean_m2(const S* __restrict x, PlaneRuns pr, int64_t begin, int64_t end,
-                                      T* __restrict mean, T* __restrict m2) {
-  for (int64_t q = begin; q < end; ++q) plane_mean_m2<S, T>(x + pr.offset(q), pr.count(q), mean + q, m2 + q);
+void runs_mean_m2(const S* __restrict x, PlaneRuns pr, int64_t begin, int64_t end, T* __restrict mean,
+                  T* __restrict m2) {
+  for_runs(pr, begin, end, [&](int64_t q, int64_t off, int64_t n, int64_t) __attribute__((always_inline)) {
+    plane_mean_m2<S, T>(x + off, n, mean + q, m2 + q);
+  });
 }
 
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void planes_apply(const S* __restrict x, const S* __restrict r, int64_t hw, int64_t C,
-                                      int64_t begin, int64_t end, const T* __restrict scale,
-                                      const T* __restrict shift, S* __restrict y) {
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t c = p % C, off = p * hw;
+void planes_apply(const S* __restrict x, const S* __restrict r, int64_t hw, int64_t C, int64_t begin, int64_t end,
+                  const T* __restrict scale, const T* __restrict shift, S* __restrict y) {
+  for_planes(C, begin, end, [&](int64_t p, int64_t c) __attribute__((always_inline)) {
+    const int64_t off = p * hw;
     if (r) {
       plane_apply<kRelu6, true, S, T>(x + off, r + off, hw, scale[c], shift[c], y + off);
     } else {
       plane_apply<kRelu6, false, S, T>(x + off, nullptr, hw, scale[c], shift[c], y + off);
     }
-  }
+  });
 }
 
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void runs_grad_sums(const S* __restrict g, const S* __restrict x, PlaneRuns pr, int64_t begin,
-                                        int64_t end, const T* __restrict mean, const T* __restrict invstd,
-                                        const T* __restrict scale, const T* __restrict shift, T* __restrict sum_ga,
-                                        T* __restrict sum_ga_xhat) {
-  for (int64_t q = begin; q < end; ++q) {
-    const int64_t c = pr.channel(q), off = pr.offset(q);
-    plane_grad_sums<kRelu6, S, T>(g + off, x + off, pr.count(q), mean[c], invstd[c], scale[c], shift[c], sum_ga + q,
+void runs_grad_sums(const S* __restrict g, const S* __restrict x, PlaneRuns pr, int64_t begin, int64_t end,
+                    const T* __restrict mean, const T* __restrict invstd, const T* __restrict scale,
+                    const T* __restrict shift, T* __restrict sum_ga, T* __restrict sum_ga_xhat) {
+  for_runs(pr, begin, end, [&](int64_t q, int64_t off, int64_t n, int64_t c) __attribute__((always_inline)) {
+    plane_grad_sums<kRelu6, S, T>(g + off, x + off, n, mean[c], invstd[c], scale[c], shift[c], sum_ga + q,
                                   sum_ga_xhat + q);
-  }
+  });
 }
 
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void planes_grad_x(const S* __restrict g, const S* __restrict x, int64_t hw, int64_t C,
-                                       int64_t begin, int64_t end, const T* __restrict mean,
-                                       const T* __restrict invstd, const T* __restrict scale,
-                                       const T* __restrict shift, const bn_act::Backward<T>* __restrict k,
-                                       S* __restrict gx) {
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t c = p % C, off = p * hw;
+void planes_grad_x(const S* __restrict g, const S* __restrict x, int64_t hw, int64_t C, int64_t begin, int64_t end,
+                   const T* __restrict mean, const T* __restrict invstd, const T* __restrict scale,
+                   const T* __restrict shift, const bn_act::Backward<T>* __restrict k, S* __restrict gx) {
+  for_planes(C, begin, end, [&](int64_t p, int64_t c) __attribute__((always_inline)) {
+    const int64_t off = p * hw;
     plane_grad_x<kRelu6, S, T>(g + off, x + off, hw, mean[c], invstd[c], scale[c], shift[c], k[c], gx + off);
-  }
+  });
 }
 
 // ---- Row runs (channels_last) ----------------------------------------------------------------
@@ -400,7 +426,7 @@ constexpr bool kVectorRows = kVectorRuns<S> && std::is_same_v<T, float>;
 
 // Per-channel mean and M2 of `rows` >= 1 rows of C values.
 template <typename S, typename T>
-FERCUDA_BN_ACT_SIMD void rows_mean_m2(const S* __restrict x, int64_t rows, int64_t C, T* __restrict mean,
+void rows_mean_m2(const S* __restrict x, int64_t rows, int64_t C, T* __restrict mean,
                                       T* __restrict m2) {
   for (int64_t c = 0; c < C; ++c) mean[c] = T(0), m2[c] = T(0);
   const T inv = T(1) / static_cast<T>(rows);
@@ -434,7 +460,7 @@ FERCUDA_BN_ACT_SIMD void rows_mean_m2(const S* __restrict x, int64_t rows, int64
 }
 
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void rows_apply(const S* __restrict x, const S* __restrict r, int64_t rows, int64_t C,
+void rows_apply(const S* __restrict x, const S* __restrict r, int64_t rows, int64_t C,
                                     const T* __restrict scale, const T* __restrict shift, S* __restrict y) {
   if constexpr (kVectorRows<S, T>) {
     if (C >= kLanes16) {
@@ -463,7 +489,7 @@ FERCUDA_BN_ACT_SIMD void rows_apply(const S* __restrict x, const S* __restrict r
 
 // Per-channel sum(ga) and sum(ga * xhat) over `rows` rows, written to sum_ga / sum_ga_xhat.
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void rows_grad_sums(const S* __restrict g, const S* __restrict x, int64_t rows, int64_t C,
+void rows_grad_sums(const S* __restrict g, const S* __restrict x, int64_t rows, int64_t C,
                                         const T* __restrict mean, const T* __restrict invstd,
                                         const T* __restrict scale, const T* __restrict shift,
                                         T* __restrict sum_ga, T* __restrict sum_ga_xhat) {
@@ -498,7 +524,7 @@ FERCUDA_BN_ACT_SIMD void rows_grad_sums(const S* __restrict g, const S* __restri
 
 // gx = k_ga * ga + k_xhat * xhat + k_one, the coefficients as (C,) arrays.
 template <bool kRelu6, typename S, typename T>
-FERCUDA_BN_ACT_SIMD void rows_grad_x(const S* __restrict g, const S* __restrict x, int64_t rows, int64_t C,
+void rows_grad_x(const S* __restrict g, const S* __restrict x, int64_t rows, int64_t C,
                                      const T* __restrict mean, const T* __restrict invstd, const T* __restrict scale,
                                      const T* __restrict shift, const T* __restrict k_ga,
                                      const T* __restrict k_xhat, const T* __restrict k_one, S* __restrict gx) {
