@@ -898,6 +898,23 @@ def test_exception_grad_out_shape():
                  OPS.dwconv_bn_relu6_backward)
 
 
+def test_exception_saved_z():
+    """The backward's z: empty or the output's shape, in the accumulation type."""
+    x, w, b, bw, bb, rm, rv = _inputs_2x4x5x5()
+    args = [torch.randn(2, 4, 5, 5), x, w, b, bw, bb, rm, rv, 1, 1, True]
+    _raises_same([*args, torch.zeros(2, 4, 4, 5)], r"argument 'z' must be empty or have the output's shape "
+                 r"\(2, 4, 5, 5\), got", OPS.dwconv_bn_relu6_backward)
+    _raises_same([*args, torch.zeros(2, 4, 5, 5, dtype=torch.float64)], "argument 'z' must be a Float tensor "
+                 r"\(the conv output in the accumulation type\), got Double", OPS.dwconv_bn_relu6_backward)
+    # None or empty: the conv is computed again, and the gradients are the same.
+    _, mean, invstd, _, _, z = OPS.dwconv_bn_relu6_train(x, w, b, bw, bb, rm, rv, 1, 1, 1e-5, 0.1)
+    assert z.shape == x.shape
+    args[8:] = [1, 1, True]
+    args[6:8] = [mean, invstd]
+    for a, b_ in zip(OPS.dwconv_bn_relu6_backward(*args, z), OPS.dwconv_bn_relu6_backward(*args, torch.zeros(0))):
+        torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("eps, printed", BAD_EPS, ids=[p for _, p in BAD_EPS])
 def test_exception_eps_in_the_ops(eps, printed):
     # The C++ kernels and the fakes, called directly: the same ValueError.
