@@ -30,10 +30,17 @@ def _train_setup_context(ctx, inputs, output):
     # save_z: the conv output, which the backward reads instead of computing it again (empty
     # where the backend does not keep it).
     ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, save_mean, save_invstd, save_z)
+    ctx.out_meta = (_out.shape, _out.dtype, _out.device, _out.stride())
+    # Only out is differentiated: no zero gradients materialized for the other outputs (save_z
+    # is as large as out).
+    ctx.set_materialize_grads(False)
 
 
 def _train_backward(backward_op, ctx, grad_out, *_grad_outputs):
     x, weight, bias, bn_weight, bn_bias, mean, invstd, z = ctx.saved_tensors
+    if grad_out is None:  # out unused: a zero gradient
+        shape, dtype, device, stride = ctx.out_meta
+        grad_out = torch.zeros_strided(shape, stride, dtype=dtype, device=device)
     grads = backward_op(
         grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, ctx.stride, ctx.padding, True, z
     )
