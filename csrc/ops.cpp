@@ -92,9 +92,10 @@ TORCH_LIBRARY(fercuda, m) {
   // new_running_var, save_z): save_mean / save_invstd float32 (C,) for the backward (float64
   // where x is float64); new_running_* the running statistics updated as nn.BatchNorm2d does
   // (momentum, unbiased variance), in the dtype of running_mean / running_var; save_z the conv
-  // output conv(x, weight) + bias in x's dtype and out's shape and layout on the CPU, which the
-  // backward reads instead of computing the conv again, and an empty (0,) tensor on CUDA,
-  // whose backward computes it. The op is functional (torch.library.register_autograd refuses
+  // output conv(x, weight) + bias in the statistics' dtype and out's shape and layout, which the
+  // backward reads instead of computing the conv again, where the CPU kernels keep it
+  // (channels_last float32 and bfloat16, at most 2M values: csrc/cpu/dwconv_cpu_paths.h), else
+  // an empty (0,) tensor, and the backward computes it. The op is functional (torch.library.register_autograd refuses
   // ops that mutate their inputs); fercuda.ops.dwconv_bn_relu6 copies the new statistics into
   // the buffers.
   m.def(

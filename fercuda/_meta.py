@@ -114,9 +114,11 @@ def _dwconv_bn_relu6_train_fake(x, weight, bias, bn_weight, bn_bias, running_mea
     check_dwconv_batch_stats(op, n, c, h_out, w_out)
     stats = x.new_empty((c,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     # save_z: the conv output in the statistics' dtype where the backend keeps it for the
-    # backward (the C++ CPU kernels, outputs of at most KEEP_Z_VALUES values), else empty.
+    # backward (the C++ CPU kernels: channels_last float32 and bfloat16, outputs of at most
+    # KEEP_Z_VALUES values), else empty.
     keeps_z = x.device.type == "cpu" if saves_z is None else saves_z
-    keeps_z = keeps_z and n * c * h_out * w_out <= KEEP_Z_VALUES
+    keeps_z = (keeps_z and dwconv_channels_last(x) and x.dtype in (torch.float32, torch.bfloat16)
+               and n * c * h_out * w_out <= KEEP_Z_VALUES)
     return (
         _dwconv_empty(x, (n, c, h_out, w_out)),
         stats,

@@ -290,10 +290,11 @@ def test_training_forward(backend, shape, channels_last, dtype, rng):
     assert new_mean.dtype == inputs[5].dtype and new_var.dtype == inputs[6].dtype
     assert_stats_close(new_mean, ref_mean, tol, "new_running_mean")
     assert_stats_close(new_var, ref_var, tol, "new_running_var")
-    # save_z: the conv output in float32 and y's layout, kept for the backward by the CPU kernels
-    # (outputs this small always); the other backends keep none.
-    assert save_z.dtype == torch.float32
-    if kernel_backend(backend) != "cpu":
+    # save_z: the conv output in the statistics' dtype and y's layout, kept for the backward by
+    # the CPU kernels in channels_last float32 and bfloat16 (outputs this small always); else
+    # none.
+    assert save_z.dtype == save_mean.dtype
+    if kernel_backend(backend) != "cpu" or not channels_last or dtype not in (torch.float32, torch.bfloat16):
         assert save_z.shape == (0,)
     else:
         z64 = conv64(inputs, stride)
@@ -377,7 +378,7 @@ def test_training_op_empty_batch_matches_cpp(backend):
         assert torch.equal(a, b.cpu())
     assert torch.equal(got[3].cpu(), inputs[5]) and torch.equal(got[4].cpu(), inputs[6])
     # save_z: the CPU kernels' (empty) conv output; the other backends keep none.
-    assert cpp[5].shape == cpp[0].shape and got[5].shape == (0,)
+    assert cpp[5].numel() == 0 and got[5].shape == (0,)
 
 
 @pytest.mark.parametrize("momentum", (0.0, 1.0, 0.25))
@@ -907,8 +908,11 @@ def test_exception_saved_z():
     _raises_same([*args, torch.zeros(2, 4, 5, 5, dtype=torch.float64)], "argument 'z' must be a Float tensor "
                  r"\(the conv output in the accumulation type\), got Double", OPS.dwconv_bn_relu6_backward)
     # None or empty: the conv is computed again, and the gradients are the same.
+    x = x.contiguous(memory_format=torch.channels_last)
+    args[0:2] = [args[0].contiguous(memory_format=torch.channels_last), x]
     _, mean, invstd, _, _, z = OPS.dwconv_bn_relu6_train(x, w, b, bw, bb, rm, rv, 1, 1, 1e-5, 0.1)
     assert z.shape == x.shape
+    assert OPS.dwconv_bn_relu6_train(x.contiguous(), w, b, bw, bb, rm, rv, 1, 1, 1e-5, 0.1)[5].shape == (0,)
     args[8:] = [1, 1, True]
     args[6:8] = [mean, invstd]
     for a, b_ in zip(OPS.dwconv_bn_relu6_backward(*args, z), OPS.dwconv_bn_relu6_backward(*args, torch.zeros(0))):

@@ -143,8 +143,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto stats_opts = x.options().dtype(stats_dtype);
   // save_z: the conv output in the accumulation type (the dtype of the statistics), kept for the
-  // backward where it is small enough to stay in cache; else empty (the backward computes it).
-  at::Tensor z = y.numel() <= kKeepZValues ? empty_output(x, out, cl, stats_dtype) : at::empty({0}, stats_opts);
+  // backward, which reads it (channels_last float32 and bfloat16), where it is small enough to
+  // stay in cache; else empty (the backward computes it).
+  const bool keep_z = cl && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                      y.numel() <= kKeepZValues;
+  at::Tensor z = keep_z ? empty_output(x, out, cl, stats_dtype) : at::empty({0}, stats_opts);
   if (y.numel() == 0) {
     // nn.BatchNorm2d leaves the running statistics alone on an empty batch.
     return {y, at::zeros({channels}, stats_opts), at::ones({channels}, stats_opts), running_mean.clone(),
