@@ -294,7 +294,10 @@ def test_training_forward(backend, shape, channels_last, dtype, rng):
     # the CPU kernels in channels_last float32 and bfloat16 (outputs this small always); else
     # none.
     assert save_z.dtype == save_mean.dtype
-    if kernel_backend(backend) != "cpu" or not channels_last or dtype not in (torch.float32, torch.bfloat16):
+    from fercuda._checks import dwconv_channels_last  # the op's layout rule (C=1 counts as NCHW)
+
+    if kernel_backend(backend) != "cpu" or not dwconv_channels_last(inputs[0]) or \
+            dtype not in (torch.float32, torch.bfloat16):
         assert save_z.shape == (0,)
     else:
         z64 = conv64(inputs, stride)
