@@ -40,7 +40,7 @@ def _train_backward(backward_op, ctx, grad_out, *_grad_outputs):
     x, weight, bias, bn_weight, bn_bias, mean, invstd, z = ctx.saved_tensors
     if grad_out is None:  # out unused: a zero gradient
         shape, dtype, device, stride = ctx.out_meta
-        grad_out = torch.zeros_strided(shape, stride, dtype=dtype, device=device)
+        grad_out = torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
     grads = backward_op(
         grad_out, x, weight, bias, bn_weight, bn_bias, mean, invstd, ctx.stride, ctx.padding, True, z
     )
