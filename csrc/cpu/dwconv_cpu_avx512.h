@@ -96,16 +96,15 @@ __attribute__((always_inline)) inline __m512 relu6(__m512 a) {
   return _mm512_min_ps(_mm512_set1_ps(6.0f), _mm512_max_ps(_mm512_setzero_ps(), a));
 }
 
-// B outputs of one channel block: acc[i] = shift + the 3x3 window of output column ox0 + i,
-// the window's input columns starting at ix0 = ox0 * S - padding (kEdge: some of them outside
-// [0, width), skipped).
-template <int B, int S, bool kEdge, bool kFull, typename In>
-__attribute__((always_inline)) inline void window_block(const In* const rows[3], int64_t ix0, int64_t width,
-                                                        int64_t channels, int64_t c0, __mmask16 m, const __m512 wv[9],
-                                                        __m512 sh, __m512 acc[B]) {
+// The walk both register blocks share: for each kernel row ky (null rows skipped) and each input
+// column j of a block of B output columns at stride S whose windows start at input column ix0,
+// the column's 16 channels are loaded (and widened) once and fn(v, ky, kx, i) is called for every
+// tap (ky, kx) of every output i of the block whose window holds it, in order of j (kEdge: columns
+// outside [0, width) skipped). A loop over i would load each column up to three times.
+template <int B, int S, bool kEdge, bool kFull, typename In, typename Fn>
+__attribute__((always_inline)) inline void for_each_window_tap(const In* const rows[3], int64_t ix0, int64_t width,
+                                                               int64_t channels, int64_t c0, __mmask16 m, Fn fn) {
   constexpr int kCols = (B - 1) * S + 3;
-#pragma GCC unroll 8
-  for (int i = 0; i < B; ++i) acc[i] = sh;
 #pragma GCC unroll 3
   for (int ky = 0; ky < 3; ++ky) {
     if (rows[ky] == nullptr) continue;
@@ -118,10 +117,24 @@ __attribute__((always_inline)) inline void window_block(const In* const rows[3],
       for (int kx = 0; kx < 3; ++kx) {
         const int i = (j - kx) / S;
         if (j - kx < 0 || (j - kx) % S != 0 || i >= B) continue;
-        acc[i] = _mm512_fmadd_ps(v, wv[ky * 3 + kx], acc[i]);
+        fn(v, ky, kx, i);
       }
     }
   }
+}
+
+// B outputs of one channel block: acc[i] = shift + the 3x3 window of output column ox0 + i,
+// the window's input columns starting at ix0 = ox0 * S - padding.
+template <int B, int S, bool kEdge, bool kFull, typename In>
+__attribute__((always_inline)) inline void window_block(const In* const rows[3], int64_t ix0, int64_t width,
+                                                        int64_t channels, int64_t c0, __mmask16 m, const __m512 wv[9],
+                                                        __m512 sh, __m512 acc[B]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < B; ++i) acc[i] = sh;
+  for_each_window_tap<B, S, kEdge, kFull>(
+      rows, ix0, width, channels, c0, m, [&](__m512 v, int ky, int kx, int i) __attribute__((always_inline)) {
+        acc[i] = _mm512_fmadd_ps(v, wv[ky * 3 + kx], acc[i]);
+      });
 }
 
 template <int B, int S, bool kRelu6, bool kFull, typename In, typename Out>
@@ -232,11 +245,11 @@ inline void row_mean_m2(const float* z, int64_t w_out, int64_t channels, float* 
 
 // ---- Backward ------------------------------------------------------------------------------
 
-// One output row of the backward, per channel: from the conv row z (float, or the saved z in
-// x's dtype) and the gradient row g, the ReLU6 mask and xhat; the row's sums of ga and ga * xhat added to sum_ga, sum_gx;
+// One output row of the backward, per channel: from the conv row z (float) and the gradient
+// row g, the ReLU6 mask and xhat; the row's sums of ga and ga * xhat added to sum_ga, sum_gx;
 // when kGz, gz = k_ga * ga + k_xhat * xhat + k_one stored (float) and summed into sum_gz.
-template <bool kGz, bool kFull, typename Z, typename In>
-__attribute__((always_inline)) inline void bn_relu6_grad_block(const Z* z, const In* g, int64_t w_out,
+template <bool kGz, bool kFull, typename In>
+__attribute__((always_inline)) inline void bn_relu6_grad_block(const float* z, const In* g, int64_t w_out,
                                                                int64_t channels, int64_t c0, __mmask16 m,
                                                                const float* mu, const float* is, const float* bw,
                                                                const float* bb, const float* k_ga,
@@ -271,8 +284,8 @@ __attribute__((always_inline)) inline void bn_relu6_grad_block(const Z* z, const
   if (kGz) _mm512_mask_storeu_ps(sum_gz + c0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sum_gz + c0), s_gz));
 }
 
-template <bool kGz, typename Z, typename In>
-void bn_relu6_grad_row(const Z* z, const In* g, int64_t w_out, int64_t channels, const float* mu,
+template <bool kGz, typename In>
+void bn_relu6_grad_row(const float* z, const In* g, int64_t w_out, int64_t channels, const float* mu,
                        const float* is, const float* bw, const float* bb, const float* k_ga, const float* k_xhat,
                        const float* k_one, float* gz, float* sum_ga, float* sum_gx, float* sum_gz) {
   int64_t c0 = 0;
@@ -285,34 +298,20 @@ void bn_relu6_grad_row(const Z* z, const In* g, int64_t w_out, int64_t channels,
 }
 
 // acc[t] += the sum over output columns ox0 .. ox0 + B - 1 of gz[ox][c] times the input under
-// tap t, for one channel block: the block's gz stay in registers and each input column of a
-// kernel row is loaded (and widened) once for the taps of every output whose window holds it,
-// as window_block does for the forward (kEdge: some columns outside [0, width), skipped). Each
-// tap's sum takes the outputs in order of ox, as a loop over ox would.
+// tap t, for one channel block: the block's gz stay in registers and each input column is loaded
+// once (for_each_window_tap). Each tap's sum takes the outputs in order of ox, as a loop over ox
+// would.
 template <int B, int S, bool kEdge, bool kFull, typename In>
 __attribute__((always_inline)) inline void grad_weight_cols(const In* const rows[3], int64_t ix0, int64_t width,
                                                             int64_t channels, int64_t c0, __mmask16 m,
                                                             const float* gz_c0, __m512 acc[9]) {
-  constexpr int kCols = (B - 1) * S + 3;
   __m512 gv[B];
 #pragma GCC unroll 8
   for (int i = 0; i < B; ++i) gv[i] = load16<kFull>(gz_c0 + i * channels, m);
-#pragma GCC unroll 3
-  for (int ky = 0; ky < 3; ++ky) {
-    if (rows[ky] == nullptr) continue;
-    const In* base = rows[ky] + ix0 * channels + c0;
-#pragma GCC unroll 24
-    for (int j = 0; j < kCols; ++j) {
-      if (kEdge && (ix0 + j < 0 || ix0 + j >= width)) continue;
-      const __m512 v = load16<kFull>(base + j * channels, m);
-#pragma GCC unroll 3
-      for (int kx = 0; kx < 3; ++kx) {
-        const int i = (j - kx) / S;
-        if (j - kx < 0 || (j - kx) % S != 0 || i >= B) continue;
+  for_each_window_tap<B, S, kEdge, kFull>(
+      rows, ix0, width, channels, c0, m, [&](__m512 v, int ky, int kx, int i) __attribute__((always_inline)) {
         acc[ky * 3 + kx] = _mm512_fmadd_ps(gv[i], v, acc[ky * 3 + kx]);
-      }
-    }
-  }
+      });
 }
 
 template <int B, int S, bool kFull, typename In>
